@@ -1,0 +1,84 @@
+"""The ``rlhf`` command.
+
+    rlhf run --profile tiny [--set ppo.kl.coef=0.05 ...]   run the pipeline (finished stages are cache hits)
+    rlhf config --profile tiny [--set ...]                 print the validated config
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def _prefect_defaults() -> None:
+    # No telemetry from a research tool, and a temporary API server that may take a while on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def _params(args: argparse.Namespace):
+    from flows.params import RunParams
+    from rlhf_core.config import parse_override
+
+    return RunParams(profile=args.profile, overrides=dict(parse_override(s) for s in args.set or []))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _params(args).config()
+    print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    params = _params(args)
+    params.config()  # validate before Prefect or any stage starts
+    _prefect_defaults()
+    from flows.pipeline import rlhf_pipeline
+
+    summary = rlhf_pipeline(params)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    print("\nOutputs:")
+    for stage, info in summary.items():
+        print(f"  {stage:9s} {info['url']}")
+    headline = summary.get("headline")
+    if headline:
+        print("\nHeadline:")
+        for k, v in headline.items():
+            print(f"  {k}: {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rlhf", description="RLHF pipeline as cached, resumable Prefect stages")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def with_profile(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--profile", default="tiny", help="profile name in profiles/ or a YAML path (default: tiny)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+        return p
+
+    with_profile(sub.add_parser("run", help="run the pipeline")).set_defaults(fn=cmd_run)
+    with_profile(sub.add_parser("config", help="print the validated config")).set_defaults(fn=cmd_config)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhf_core.config import ConfigError
+    from rlhf_core.data.adapters import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError) as e:
+        print(f"rlhf: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,575 @@
+"""The pipeline configuration: pydantic models, profile loading and dotted overrides.
+
+A profile (``profiles/<name>.yaml``) is a complete :class:`PipelineConfig`. Every section is frozen after
+validation; overrides (``ppo.kl_coef=0.05``) are applied to the raw mapping and the whole config is
+validated again, so an override can never produce a config that a profile could not.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROFILES_DIR = Path(os.environ.get("RLHF_PROFILES_DIR", PROJECT_ROOT / "profiles"))
+
+
+class ConfigError(ValueError):
+    """A profile or override is invalid; the message names the key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------------- storage
+
+
+class StorageConfig(Section):
+    root: str = Field(
+        "file://./rlhf-store",
+        description="Root URL of the object store: file://PATH (relative paths are taken from the working "
+        "directory) or s3://BUCKET/PREFIX. Credentials come from the environment, never from here.",
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto). Falls back to $AWS_ENDPOINT_URL."
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, le=100, description="Complete checkpoints kept per stage.")
+    lease_seconds: float = Field(
+        600.0, gt=0, description="How long a stage lock stays valid without a heartbeat (a killed holder "
+        "blocks other runs at most this long)."
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if "://" not in v:
+            v = "file://" + v
+        scheme = v.split("://", 1)[0]
+        if scheme not in ("file", "s3", "memory"):
+            raise ValueError(f"storage.root scheme {scheme!r} is not supported; use file:// or s3://")
+        return v
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+class SourceConfig(Section):
+    name: str = Field(
+        description="Adapter: a supported dataset name (e.g. 'Dahoas/rm-static'), 'local/jsonfile' "
+        "(DeepSpeed-Chat's data/train.json + data/eval.json layout) or 'files' (json/jsonl/parquet/csv with "
+        "a column mapping)."
+    )
+    path: str | None = Field(
+        None, description="Local path or store URL of the source's files. Empty: load `name` from the hub."
+    )
+    eval_path: str | None = Field(None, description="Separate eval file for 'files' sources.")
+    format: Literal["auto", "json", "jsonl", "parquet", "csv"] = Field(
+        "auto", description="File format for 'files' sources; 'auto' goes by the extension."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="For 'files': canonical column (prompt, chosen, rejected) -> column in the file.",
+    )
+    subset: str | None = Field(None, description="Hub dataset configuration name, if it has several.")
+    weight: float = Field(1.0, gt=0, description="Blending weight (sampling probability after normalising).")
+    max_rows: int | None = Field(None, ge=1, description="Use at most this many rows of the source.")
+    on_invalid: Literal["error", "drop"] = Field(
+        "error", description="A malformed row fails the stage ('error') or is dropped and counted ('drop')."
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _canonical_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = set(v) - {"prompt", "chosen", "rejected"}
+        if unknown:
+            raise ValueError(f"columns keys must be prompt, chosen, rejected; got {sorted(unknown)}")
+        return v
+
+
+class PtxConfig(Section):
+    path: str | None = Field(None, description="Plain-text corpus for the pretraining-mixture loss.")
+    block_tokens: int = Field(64, ge=8, description="Corpus is cut into blocks of this many tokens.")
+    max_blocks: int | None = Field(None, ge=1, description="Use at most this many blocks.")
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    split: tuple[int, int, int] = Field(
+        (2, 4, 4), description="Shares of each source for SFT, reward and PPO (DeepSpeed-Chat's '2,4,4')."
+    )
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share for sources with no eval split.")
+    max_prompt_tokens: int = Field(
+        256, ge=1, description="PPO prompts longer than this (in actor tokens) are dropped and counted."
+    )
+    prompt_format: Literal["human_assistant", "chat_template"] = Field(
+        "human_assistant",
+        description="How prompts reach the models: DeepSpeed-Chat's ' Human: ... Assistant:' text, or the "
+        "actor tokenizer's chat template.",
+    )
+    blend: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted", description="Stop blending when the first source runs out, or oversample until all do."
+    )
+    seed: int = Field(1234, description="Seed for splitting and blending.")
+    ptx: PtxConfig = Field(default_factory=PtxConfig)
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _parse_split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = tuple(int(p) for p in v.split(","))
+            except ValueError as e:
+                raise ValueError(f"split must be three integers like '2,4,4', got {v!r}") from e
+        return v
+
+    @field_validator("split")
+    @classmethod
+    def _split_non_negative(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(p < 0 for p in v) or sum(v) == 0:
+            raise ValueError(f"split shares must be >= 0 with a positive sum, got {','.join(map(str, v))}")
+        return v
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+class ModelSpec(Section):
+    name_or_path: str | None = Field(
+        None, description="Hub name, local path, or store URL of a pretrained model."
+    )
+    architecture: dict[str, Any] | None = Field(
+        None,
+        description="Build a randomly initialised model from this transformers config (must name "
+        "model_type); used by the tiny profile and the benchmarks.",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer name or path; default: name_or_path.")
+    pad_token: str | None = Field(
+        None, description="Pad token to use when the tokenizer has none: a token string, or 'eos'."
+    )
+    init_seed: int = Field(0, description="Seed of the random initialisation (architecture models).")
+    revision: str | None = Field(None, description="Hub revision.")
+    trust_remote_code: bool = Field(False, description="Allow code from the model repository to run.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.name_or_path is None) == (self.architecture is None):
+            raise ValueError("give exactly one of name_or_path (pretrained) or architecture (from config)")
+        if self.architecture is not None and "model_type" not in self.architecture:
+            raise ValueError("architecture must contain model_type (e.g. 'opt', 'llama')")
+        if self.name_or_path is None and self.tokenizer is None:
+            raise ValueError("a model built from architecture needs an explicit tokenizer")
+        return self
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.name_or_path  # type: ignore[return-value]
+
+
+class ModelsConfig(Section):
+    actor: ModelSpec
+    reward: ModelSpec
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    only_optimize_lora: bool = Field(True, description="Freeze the base weights and train only LoRA.")
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer state to CPU.")
+    offload_params: bool = Field(False, description="ZeRO-3 parameter offload to CPU.")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_clipping: float = Field(1.0, ge=0)
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Passed through into the DeepSpeed config (deep-merged last)."
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class OptimizerConfig(Section):
+    impl: Literal["torch", "deepspeed"] = Field(
+        "torch",
+        description="'torch': torch.optim.AdamW (builds no C++ extension); 'deepspeed': DeepSpeed's "
+        "FusedAdam / CPUAdam (JIT-built; needed for ZeRO-Offload).",
+    )
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class TrainStageConfig(Section):
+    """Fields shared by the SFT and reward stages."""
+
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per process per forward.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_seq_len: int = Field(512, ge=8)
+    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
+    eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (end only if empty).")
+    log_every: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's dropout (0 disables it).")
+    seed: int = 1234
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class SFTConfig(TrainStageConfig):
+    mask_prompt: bool = Field(
+        False, description="Train only on answer tokens (DeepSpeed-Chat trains on prompt and answer)."
+    )
+
+
+class RewardConfig(TrainStageConfig):
+    pass
+
+
+class ActorCriticTrainConfig(Section):
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False
+    dropout: float | None = Field(0.0, ge=0, lt=1)
+
+
+class GenerationConfig(Section):
+    max_answer_len: int = Field(256, ge=1)
+    do_sample: bool = True
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class KLConfig(Section):
+    coef: float = Field(0.1, ge=0, description="Initial KL coefficient (beta).")
+    estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator (Schulman's k1/k2/k3).")
+    adaptive: bool = Field(False, description="Adapt coef towards target (Ziegler et al. 2019).")
+    target: float = Field(6.0, gt=0, description="Target KL per sequence for the adaptive controller.")
+    horizon: int = Field(10000, ge=1)
+
+
+class PPOConfig(Section):
+    epochs: int = Field(1, ge=1, description="Passes over the PPO prompts.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many PPO steps.")
+    rollout_batch_size: int = Field(16, ge=1, description="Prompts per generation batch per process.")
+    generation_batches: int = Field(1, ge=1, description="Generation batches collected per PPO step.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's experience.")
+    train_micro_batch_size: int = Field(16, ge=1, description="Experience rows per training micro-batch.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    whiten_advantages: bool = True
+    reward_clip: float = Field(5.0, gt=0, description="Clip the reward-model score to [-x, x].")
+    normalize_reward: bool = Field(False, description="Normalise scores by the reward model's stored mean/std.")
+    reward_scale: float = Field(
+        1.0, description="Multiplies the score; a negative value inverts the reward (an ablation control)."
+    )
+    actor: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig)
+    critic: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig)
+    offload_reference: bool = Field(False, description="Keep the frozen reference model on CPU between uses.")
+    offload_reward: bool = Field(False, description="Keep the frozen reward model on CPU between uses.")
+    checkpoint_every: int = Field(20, ge=1)
+    log_every: int = Field(1, ge=1)
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> "PPOConfig":
+        rows = self.rollout_batch_size * self.generation_batches
+        if rows % self.train_micro_batch_size:
+            raise ValueError(
+                f"rollout_batch_size x generation_batches ({rows}) must be a multiple of "
+                f"train_micro_batch_size ({self.train_micro_batch_size}); change one of them"
+            )
+        return self
+
+
+class EMAConfig(Section):
+    enabled: bool = True
+    beta: float = Field(0.992, ge=0, le=1, description="ema = beta * ema + (1 - beta) * actor")
+    on_cpu: bool = Field(False, description="Keep the EMA weights on CPU (saves accelerator memory).")
+
+
+class MixtureConfig(Section):
+    ptx_coef: float = Field(0.0, ge=0, description="Weight of the pretraining next-token loss in the actor update.")
+    ptx_batch_size: int = Field(8, ge=1, description="Corpus blocks per actor micro-batch.")
+
+
+class HybridEngineConfig(Section):
+    enabled: bool = Field(True, description="Fast generation path; off: plain transformers generate.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Generation weight dtype; 'auto' is bf16 on CUDA and fp32 on CPU."
+    )
+    static_cache: bool = True
+    cuda_graphs: bool = Field(True, description="Capture the decode step in a CUDA graph (CUDA only).")
+    max_batch: int = Field(512, ge=1, description="Largest generation batch (chunks above it).")
+    release_memory: bool = True
+
+
+class EvalConfig(Section):
+    num_prompts: int = Field(64, ge=1, description="Held-out PPO prompts to sample from.")
+    max_answer_len: int | None = Field(None, ge=1, description="Default: ppo.generation.max_answer_len.")
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    samples_in_report: int = Field(8, ge=0)
+    ptx_blocks: int = Field(64, ge=1, description="Corpus blocks for the pretraining perplexity.")
+    seed: int = 4321
+
+
+class ExportConfig(Section):
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class ResourcesConfig(Section):
+    device: Literal["cpu", "cuda"] = "cpu"
+    nnodes: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1)
+    launcher: Literal["inprocess", "subprocess", "torchrun", "deepspeed"] = Field(
+        "subprocess",
+        description="How a stage runs: in the Prefect worker process, as one subprocess, or N processes "
+        "through torchrun / the DeepSpeed launcher (multi-node via hostfile).",
+    )
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs.")
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = Field(None, ge=1024, le=65535, description="Default: a free port.")
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads per process.")
+    gpu_slots: int = Field(0, ge=0, description="GPU slots a training stage holds in the global concurrency limit.")
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @model_validator(mode="after")
+    def _launcher_fits(self) -> "ResourcesConfig":
+        if self.world_size > 1 and self.launcher in ("inprocess", "subprocess"):
+            raise ValueError(
+                f"{self.world_size} processes need launcher torchrun or deepspeed, not {self.launcher!r}"
+            )
+        if self.nnodes > 1 and self.launcher == "deepspeed" and not self.hostfile:
+            raise ValueError("a multi-node deepspeed launch needs resources.hostfile")
+        return self
+
+
+# -------------------------------------------------------------------------------------------------- root
+
+
+class PipelineConfig(Section):
+    name: str = Field("rlhf", description="Run name prefix shown in Prefect.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig
+    models: ModelsConfig
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
+    hybrid_engine: HybridEngineConfig = Field(default_factory=HybridEngineConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        if self.mixture.ptx_coef > 0 and not self.data.ptx.path:
+            raise ValueError("mixture.ptx_coef > 0 needs data.ptx.path (a plain-text corpus)")
+        if self.data.max_prompt_tokens + self.ppo.generation.max_answer_len > _max_positions(self.models.actor):
+            raise ValueError(
+                f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + ppo.generation.max_answer_len "
+                f"({self.ppo.generation.max_answer_len}) exceeds the actor's "
+                f"{_max_positions(self.models.actor)} positions; lower one of them"
+            )
+        return self
+
+
+def _max_positions(spec: ModelSpec) -> int:
+    arch = spec.architecture or {}
+    return int(arch.get("max_position_embeddings", 1 << 30))
+
+
+# ------------------------------------------------------------------------------------- loading, overrides
+
+
+def profile_path(profile: str) -> Path:
+    """Resolve a profile name (``tiny``) or a path to a YAML file."""
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = PROFILES_DIR / f"{profile}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(f.stem for f in PROFILES_DIR.glob("*.yaml"))
+    raise ConfigError(f"unknown profile {profile!r}: known profiles are {', '.join(known)} (or give a .yaml path)")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'ppo.kl.coef=0.05'`` -> ``('ppo.kl.coef', 0.05)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+    return key, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a copy of a raw config mapping, checking each key against the models.
+
+    List entries are addressed by index: ``data.sources.0.weight=2``.
+    """
+    import copy
+
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        _check_key(parts, dotted)
+        node: Any = out
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = _list_item(node, part, ".".join(parts[:i]), dotted)
+                continue
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+        if isinstance(node, list):
+            idx = int(parts[-1]) if parts[-1].isdigit() else -1
+            _list_item(node, parts[-1], ".".join(parts[:-1]), dotted)
+            node[idx] = value
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def _list_item(node: list, part: str, where: str, dotted: str) -> Any:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {dotted!r}: {where} is a list of {len(node)} entries; index it with 0..{len(node) - 1}")
+    return node[int(part)]
+
+
+_FREEFORM = {"extra", "architecture", "columns"}
+
+
+def _check_key(parts: list[str], dotted: str) -> None:
+    """Raise ConfigError unless ``parts`` is a field path of PipelineConfig."""
+    import typing
+
+    model: type[BaseModel] | None = PipelineConfig
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(f"unknown key {dotted!r}: {where} has {', '.join(sorted(fields))}")
+        annotation = fields[part].annotation
+        i += 1
+        if part in _FREEFORM or i == len(parts):
+            return  # a free-form mapping (anything below goes) or the leaf itself
+        if typing.get_origin(annotation) is list:
+            if not parts[i].isdigit():
+                raise ConfigError(f"unknown key {dotted!r}: {'.'.join(parts[:i])} is a list; index it like {'.'.join(parts[:i])}.0")
+            i += 1
+            if i == len(parts):
+                return
+        model = _submodel(annotation)
+        if model is None:
+            raise ConfigError(f"unknown key {dotted!r}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "literal_error":
+                msg = f"{msg}, got {err.get('input')!r}"
+            lines.append(f"  {loc}: {msg}")
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def load_config(profile: str, overrides: dict[str, Any] | list[str] | None = None) -> PipelineConfig:
+    """Load a profile and apply overrides (a mapping, or ``key=value`` strings)."""
+    path = profile_path(profile)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"profile {path} is not valid YAML: {e}") from e
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    raw = apply_overrides(raw, overrides or {})
+    raw = _resolve_relative_paths(raw, base=PROJECT_ROOT)
+    return validate_config(raw, source=f"profile {path.name}" + (" with overrides" if overrides else ""))
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Bundled-data paths in profiles (``data/...``) are relative to the project root, not the cwd."""
+
+    def fix(p: str | None) -> str | None:
+        if p and "://" not in p and not os.path.isabs(p) and p.startswith("data/"):
+            return str(base / p)
+        return p
+
+    data = raw.get("data") or {}
+    for src in data.get("sources") or []:
+        if isinstance(src, dict):
+            for k in ("path", "eval_path"):
+                if k in src:
+                    src[k] = fix(src[k])
+    if isinstance(data.get("ptx"), dict) and "path" in data["ptx"]:
+        data["ptx"]["path"] = fix(data["ptx"]["path"])
+    for role in ("actor", "reward"):
+        spec = (raw.get("models") or {}).get(role)
+        if isinstance(spec, dict):
+            for k in ("tokenizer", "name_or_path"):
+                if k in spec:
+                    spec[k] = fix(spec[k])
+    return raw
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

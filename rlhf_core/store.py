@@ -1,0 +1,406 @@
+"""Content-addressed stage outputs on an fsspec object store (``file://`` or ``s3://``).
+
+Layout under the root URL::
+
+    <stage>/<key>/...                         one stage output
+    <stage>/<key>/manifest.json               written LAST: its presence means the output is complete
+    <stage>/<key>/checkpoints/step-000120/    mid-stage checkpoint, complete once it holds COMPLETE
+
+Readers trust only outputs with a manifest, and only checkpoints with a COMPLETE marker, so a crash at any
+point leaves nothing that can be mistaken for a finished result.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import posixpath
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+_STEP_RE = re.compile(r"step-(\d+)$")
+_HASH_CHUNK = 8 << 20
+
+
+class FileEntry(BaseModel):
+    path: str  # relative to the output folder
+    size: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """What a stage produced and from what. ``content_id`` depends only on the files' contents."""
+
+    stage: str
+    key: str
+    stage_version: int
+    content_id: str
+    config: dict[str, Any]
+    upstream: dict[str, str] = Field(default_factory=dict, description="stage -> key of the inputs")
+    upstream_content: dict[str, str] = Field(default_factory=dict, description="stage -> content_id")
+    files: list[FileEntry]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    producer: dict[str, Any] = Field(default_factory=dict, description="flow run, host, user (lineage)")
+    created_at: str
+
+    def file(self, rel: str) -> FileEntry:
+        for f in self.files:
+            if f.path == rel:
+                return f
+        raise KeyError(f"{self.stage}/{self.key} has no file {rel!r}")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def content_id(files: list[FileEntry]) -> str:
+    items = sorted((f.path, f.sha256) for f in files)
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
+def hash_key(payload: Any) -> str:
+    """Stable short hash of a JSON-able payload (cache keys)."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("rlhf-flow", "torch", "deepspeed", "transformers", "peft", "datasets", "pyarrow", "fsspec"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _utcnow() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Store:
+    """One root URL opened through fsspec."""
+
+    def __init__(self, root: str, endpoint_url: str | None = None):
+        if "://" not in root:
+            root = "file://" + root
+        scheme, rest = root.split("://", 1)
+        options: dict[str, Any] = {}
+        if scheme == "file":
+            rest = os.path.abspath(os.path.expanduser(rest))
+            root = f"file://{rest}"
+        elif scheme == "s3":
+            endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("FSSPEC_S3_ENDPOINT_URL")
+            if endpoint:
+                options["client_kwargs"] = {"endpoint_url": endpoint}
+            # Several processes write the same store: never answer from a stale listing.
+            options["use_listings_cache"] = False
+            options["skip_instance_cache"] = True
+        self.url = root.rstrip("/")
+        self.scheme = scheme
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        self.root = self.root.rstrip("/")
+        self.storage_options = options
+
+    @classmethod
+    def from_config(cls, storage) -> "Store":
+        return cls(storage.root, storage.endpoint_url)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # ------------------------------------------------------------------ paths
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def url_of(self, *parts: str) -> str:
+        return f"{self.scheme}://{self.path(*parts)}"
+
+    def local_path(self, *parts: str) -> str | None:
+        """The local filesystem path of a store path, or None when the store is remote."""
+        return self.path(*parts) if self.scheme == "file" else None
+
+    def output_path(self, stage: str, key: str, *rel: str) -> str:
+        return self.path(stage, key, *rel)
+
+    # -------------------------------------------------------------- manifests
+    def read_manifest(self, stage: str, key: str) -> Manifest | None:
+        path = self.output_path(stage, key, MANIFEST)
+        try:
+            with self.fs.open(path, "rb") as f:
+                return Manifest.model_validate_json(f.read())
+        except FileNotFoundError:
+            return None
+
+    def has_output(self, stage: str, key: str) -> bool:
+        return self.fs.exists(self.output_path(stage, key, MANIFEST))
+
+    def manifest_id(self, stage: str, key: str) -> str | None:
+        """content_id of a complete output, or None if it is missing (for Prefect's cache key)."""
+        m = self.read_manifest(stage, key)
+        return m.content_id if m else None
+
+    def list_outputs(self, stage: str | None = None) -> list[Manifest]:
+        stages = [stage] if stage else self.list_stages()
+        out: list[Manifest] = []
+        for s in stages:
+            for key in self._children(self.path(s)):
+                m = self.read_manifest(s, key)
+                if m is not None:
+                    out.append(m)
+        return out
+
+    def list_stages(self) -> list[str]:
+        return sorted(c for c in self._children(self.root) if not c.startswith("_"))
+
+    def _children(self, path: str) -> list[str]:
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+
+    @contextmanager
+    def open_output(self, stage: str, key: str) -> Iterator["OutputWriter"]:
+        """Write one stage output; the manifest is written by ``commit`` and only then is it visible.
+
+        Leftovers of an earlier attempt that never committed are removed first, except its checkpoints
+        (the new attempt resumes from them).
+        """
+        if self.has_output(stage, key):
+            raise FileExistsError(f"{self.url_of(stage, key)} is complete already; refusing to overwrite it")
+        base = self.output_path(stage, key)
+        for child in self._ls_names(base):
+            if child != CHECKPOINTS:
+                self.fs.rm(self.path(stage, key, child), recursive=True)
+        writer = OutputWriter(self, stage, key)
+        yield writer
+        if not writer.committed:
+            raise RuntimeError(f"output {stage}/{key} was written but not committed")
+
+    def _ls_names(self, path: str) -> list[str]:
+        try:
+            return [posixpath.basename(e.rstrip("/")) for e in self.fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def delete_output(self, stage: str, key: str) -> None:
+        """Remove an output, manifest first so that no reader sees it half-deleted."""
+        manifest = self.output_path(stage, key, MANIFEST)
+        if self.fs.exists(manifest):
+            self.fs.rm(manifest)
+        base = self.output_path(stage, key)
+        if self.fs.exists(base):
+            self.fs.rm(base, recursive=True)
+
+    # ------------------------------------------------------------------ files
+    def read_bytes(self, stage: str, key: str, rel: str) -> bytes:
+        return self.fs.cat_file(self.output_path(stage, key, rel))
+
+    def read_json(self, stage: str, key: str, rel: str) -> Any:
+        return json.loads(self.read_bytes(stage, key, rel))
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Object stores replace whole objects; on a local disk write a temp file and rename it."""
+        if self.scheme == "file":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def fetch(self, stage: str, key: str, rel: str, cache_dir: str | None = None) -> str:
+        """A local path holding ``<stage>/<key>/<rel>`` (a file or a folder): the path itself on a local
+        store, else a download cached under the output's content id (or the checkpoint's step)."""
+        local = self.local_path(stage, key, rel)
+        if local is not None:
+            return local
+        m = self.read_manifest(stage, key)
+        tag = m.content_id[:16] if m else "partial"
+        cache_root = Path(cache_dir or os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf"))
+        target = cache_root / stage / key / tag / rel
+        done = target.with_name(target.name + ".done")
+        if not done.exists():
+            if target.is_dir():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remote = self.output_path(stage, key, rel)
+            if self.fs.isdir(remote):
+                self.fs.get(remote.rstrip("/") + "/", str(target), recursive=True)
+            else:
+                self.fs.get_file(remote, str(target))
+            done.touch()
+        return str(target)
+
+    # ------------------------------------------------------------ checkpoints
+    def checkpoint_path(self, stage: str, key: str, step: int) -> str:
+        return self.output_path(stage, key, CHECKPOINTS, f"step-{step:06d}")
+
+    def list_checkpoints(self, stage: str, key: str) -> list[int]:
+        """Steps of complete checkpoints, ascending."""
+        steps = []
+        for name in self._ls_names(self.output_path(stage, key, CHECKPOINTS)):
+            m = _STEP_RE.match(name)
+            if m and self.fs.exists(self.output_path(stage, key, CHECKPOINTS, name, COMPLETE)):
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def latest_checkpoint(self, stage: str, key: str) -> int | None:
+        steps = self.list_checkpoints(stage, key)
+        return steps[-1] if steps else None
+
+    @contextmanager
+    def write_checkpoint(self, stage: str, key: str, step: int, keep: int) -> Iterator[str]:
+        """Yield a local folder to save a checkpoint into; on exit upload it (remote stores), mark it
+        COMPLETE and prune older checkpoints down to ``keep``."""
+        dest = self.checkpoint_path(stage, key, step)
+        if self.fs.exists(dest):
+            self.fs.rm(dest, recursive=True)  # an incomplete earlier attempt at this step
+        local = self.local_path(stage, key, CHECKPOINTS, f"step-{step:06d}")
+        if local is not None:
+            os.makedirs(local, exist_ok=True)
+            yield local
+        else:
+            with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as tmp:
+                yield tmp
+                self.fs.put(tmp.rstrip("/") + "/", dest, recursive=True)
+        self.write_bytes_atomic(posixpath.join(dest, COMPLETE), json.dumps({"step": step, "at": _utcnow()}).encode())
+        for old in self.list_checkpoints(stage, key)[:-keep]:
+            self.fs.rm(self.checkpoint_path(stage, key, old), recursive=True)
+
+    def fetch_checkpoint(self, stage: str, key: str, step: int) -> str:
+        """A local folder with the checkpoint's files (the folder itself on a local store)."""
+        return self.fetch(stage, key, f"{CHECKPOINTS}/step-{step:06d}")
+
+
+class OutputWriter:
+    """Collects the files of one stage output, then writes the manifest last."""
+
+    def __init__(self, store: Store, stage: str, key: str):
+        self.store, self.stage, self.key = store, stage, key
+        self.files: dict[str, FileEntry] = {}
+        self.committed = False
+
+    @property
+    def url(self) -> str:
+        return self.store.url_of(self.stage, self.key)
+
+    def local_dir(self, rel: str = "") -> str | None:
+        """Local folder of the output (local stores only) so that writers can save in place."""
+        return self.store.local_path(self.stage, self.key, rel) if rel else self.store.local_path(self.stage, self.key)
+
+    def write_bytes(self, rel: str, data: bytes) -> FileEntry:
+        path = self.store.output_path(self.stage, self.key, rel)
+        self.store.write_bytes_atomic(path, data)
+        entry = FileEntry(path=rel, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        self.files[rel] = entry
+        return entry
+
+    def write_json(self, rel: str, obj: Any) -> FileEntry:
+        return self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def put_file(self, local: str | os.PathLike, rel: str) -> FileEntry:
+        local = str(local)
+        dest = self.store.output_path(self.stage, self.key, rel)
+        if self.store.scheme == "file":
+            if os.path.abspath(local) != os.path.abspath(dest):
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copyfile(local, dest)
+        else:
+            self.store.fs.put_file(local, dest)
+        entry = FileEntry(path=rel, size=os.path.getsize(local), sha256=_sha256_file(local))
+        self.files[rel] = entry
+        return entry
+
+    def put_dir(self, local_dir: str | os.PathLike, rel: str) -> list[FileEntry]:
+        """Add every file under ``local_dir`` (which may already be inside a local store output)."""
+        out = []
+        for root, _dirs, names in os.walk(local_dir):
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                sub = os.path.relpath(full, local_dir).replace(os.sep, "/")
+                out.append(self.put_file(full, posixpath.join(rel, sub) if rel else sub))
+        return out
+
+    def commit(
+        self,
+        *,
+        stage_version: int,
+        config: dict[str, Any],
+        upstream: dict[str, Manifest] | None = None,
+        metrics: dict[str, Any] | None = None,
+        producer: dict[str, Any] | None = None,
+    ) -> Manifest:
+        files = sorted(self.files.values(), key=lambda f: f.path)
+        upstream = upstream or {}
+        manifest = Manifest(
+            stage=self.stage,
+            key=self.key,
+            stage_version=stage_version,
+            content_id=content_id(files),
+            config=config,
+            upstream={s: m.key for s, m in upstream.items()},
+            upstream_content={s: m.content_id for s, m in upstream.items()},
+            files=files,
+            metrics=metrics or {},
+            versions=package_versions(),
+            producer=producer or {},
+            created_at=_utcnow(),
+        )
+        path = self.store.output_path(self.stage, self.key, MANIFEST)
+        self.store.write_bytes_atomic(path, manifest.model_dump_json(indent=2).encode())
+        self.committed = True
+        return manifest
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def local_copy(url: str, cache_dir: str | None = None) -> str:
+    """A local path for a model/tokenizer reference: plain paths and hub names pass through, ``file://``
+    loses its scheme, any other fsspec URL (s3://...) is downloaded once into the cache."""
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    if scheme == "file":
+        return rest
+    store = Store(url)
+    cache_root = Path(cache_dir or os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf"))
+    target = cache_root / "urls" / hashlib.sha256(url.encode()).hexdigest()[:24]
+    done = target.with_name(target.name + ".done")
+    if not done.exists():
+        if target.exists():
+            shutil.rmtree(target)
+        if not store.fs.exists(store.root):
+            raise FileNotFoundError(f"{url} does not exist")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if store.fs.isdir(store.root):
+            store.fs.get(store.root + "/", str(target), recursive=True)
+        else:
+            store.fs.get_file(store.root, str(target))
+        done.touch()
+    return str(target)

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from rlhf_core import stages
+from rlhf_core.config import PipelineConfig
+from rlhf_core.data.prepare import run_data_stage
+from rlhf_core.store import Manifest
+from tasks.common import cache_key_fn, cached, producer, store_for
+
+
+def _key_of(params) -> tuple[str, str]:
+    return stages.DATA, stages.data_key(params["cfg"])
+
+
+@task(name="prepare-data", cache_key_fn=cache_key_fn(_key_of), persist_result=True, retries=1, retry_delay_seconds=5)
+def prepare_data(cfg: PipelineConfig) -> Manifest:
+    """Unify, split and blend the sources into Arrow datasets in the store.
+
+    Invalidated by: the data section (sources, weights, split, seeds, limits), the bytes of every source
+    file and of the pretraining corpus, and the actor tokenizer (it measures prompt lengths). Not by file
+    locations, the storage root or anything downstream.
+    """
+    store, key = store_for(cfg), stages.data_key(cfg)
+    existing = store.read_manifest(stages.DATA, key)
+    if existing is not None:
+        return cached(existing, store)
+    manifest = run_data_stage(cfg, store, key=key, producer=producer())
+    get_run_logger().info("data: %s rows -> %s", manifest.metrics["rows"], store.url_of(stages.DATA, key))
+    return manifest

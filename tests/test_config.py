@@ -1,0 +1,100 @@
+from pathlib import Path
+
+import pytest
+
+from rlhf_core.config import PROFILES_DIR, ConfigError, load_config, parse_override
+
+PROFILES = sorted(p.stem for p in Path(PROFILES_DIR).glob("*.yaml"))
+
+
+def test_the_four_profiles_exist():
+    assert {"tiny", "single_gpu", "single_node", "multi_node"} <= set(PROFILES)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_loads_and_validates(name):
+    cfg = load_config(name)
+    assert cfg.data.sources and cfg.models.actor and cfg.models.reward
+    # Frozen after validation.
+    with pytest.raises(Exception):
+        cfg.ppo.kl.coef = 1.0  # type: ignore[misc]
+
+
+def test_profiles_follow_deepspeed_chat_deployments():
+    single, node, multi = (load_config(n) for n in ("single_gpu", "single_node", "multi_node"))
+    assert single.models.actor.name_or_path == "facebook/opt-1.3b"
+    assert node.models.actor.name_or_path == "facebook/opt-13b"
+    assert multi.models.actor.name_or_path == "facebook/opt-66b"
+    for cfg in (single, node, multi):
+        assert cfg.models.reward.name_or_path == "facebook/opt-350m"
+        assert cfg.data.max_prompt_tokens == 256 and cfg.ppo.generation.max_answer_len == 256
+        assert cfg.resources.device == "cuda"
+    assert multi.resources.nnodes > 1 and multi.resources.launcher == "deepspeed"
+
+
+def test_override_sets_nested_value_and_list_item():
+    cfg = load_config("tiny", ["ppo.kl.coef=0.25", "data.sources.0.weight=3", "sft.deepspeed.extra={a: 1}"])
+    assert cfg.ppo.kl.coef == 0.25
+    assert cfg.data.sources[0].weight == 3
+    assert cfg.sft.deepspeed.extra == {"a": 1}
+
+
+def test_storage_root_is_an_override_key(tmp_path):
+    cfg = load_config("tiny", {"storage.root": f"file://{tmp_path}"})
+    assert cfg.storage.root == f"file://{tmp_path}"
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("ppo.kl.coeff=1", "unknown key 'ppo.kl.coeff': ppo.kl has adaptive, coef, estimator, horizon, target"),
+        ("nonsense=1", "unknown key 'nonsense'"),
+        ("ppo.kl.coef.x=1", "ppo.kl.coef is a value, not a section"),
+        ("data.sources.5.weight=1", "data.sources is a list of 1 entries"),
+    ],
+)
+def test_unknown_keys_are_rejected_with_what_is_allowed(override, expect):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    assert expect in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("ppo.kl.estimator=k4", "ppo.kl.estimator: Input should be 'k1', 'k2' or 'k3', got 'k4'"),
+        ("sft.deepspeed.zero_stage=5", "sft.deepspeed.zero_stage"),
+        ("data.sources.0.weight=0", "data.sources.0.weight: Input should be greater than 0"),
+        ("data.sources.0.weight=-1", "data.sources.0.weight"),
+        ("data.split=1,x,2", "split must be three integers"),
+        ("ema.beta=2", "ema.beta: Input should be less than or equal to 1"),
+        ("sft.deepspeed.offload_params=true", "offload_params needs zero_stage 3"),
+        ("ppo.train_micro_batch_size=5", "must be a multiple of train_micro_batch_size (5)"),
+    ],
+)
+def test_bad_values_name_the_key(override, expect):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])
+    assert expect in str(e.value)
+
+
+def test_unknown_profile_lists_known_ones():
+    with pytest.raises(ConfigError, match="unknown profile 'nope': known profiles are .*tiny"):
+        load_config("nope")
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        parse_override("ppo.kl.coef")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_override("a.b=[1,")
+
+
+def test_mixture_needs_a_corpus():
+    with pytest.raises(ConfigError, match="needs data.ptx.path"):
+        load_config("tiny", {"mixture.ptx_coef": 0.5, "data.ptx.path": None})
+
+
+def test_lengths_must_fit_the_actor():
+    with pytest.raises(ConfigError, match="exceeds the actor's 64 positions"):
+        load_config("tiny", {"ppo.generation.max_answer_len": 60})
