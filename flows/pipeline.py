@@ -10,6 +10,8 @@ from flows.params import RunParams
 from rlhf_core.store import Manifest
 from tasks.common import store_for
 from tasks.data import prepare_data
+from tasks.reward import train_reward
+from tasks.sft import train_sft
 
 
 @flow(name="rlhf-pipeline", flow_run_name=lambda: _run_name())
@@ -17,7 +19,9 @@ def rlhf_pipeline(params: RunParams = RunParams()) -> dict[str, Any]:
     """Run every stage of the profile; finished stages are cache hits."""
     cfg = params.config()
     data = prepare_data.submit(cfg)
-    return summarize(cfg, {"data": data.result()})
+    sft = train_sft.submit(cfg, data)
+    reward = train_reward.submit(cfg, data)  # independent of the actor: runs beside SFT
+    return summarize(cfg, {"data": data.result(), "sft": sft.result(), "reward": reward.result()})
 
 
 def summarize(cfg, outputs: dict[str, Manifest]) -> dict[str, Any]:

@@ -39,6 +39,10 @@ class StorageConfig(Section):
         None, description="S3-compatible endpoint (MinIO, moto). Falls back to $AWS_ENDPOINT_URL."
     )
     checkpoints_to_keep: int = Field(2, ge=1, le=100, description="Complete checkpoints kept per stage.")
+    keep_checkpoints_after_commit: bool = Field(
+        False, description="Keep a stage's resume checkpoints once its output is complete (they hold optimizer "
+        "state, about 3x the model)."
+    )
     lease_seconds: float = Field(
         600.0, gt=0, description="How long a stage lock stays valid without a heartbeat (a killed holder "
         "blocks other runs at most this long)."

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 from pydantic import BaseModel, Field
@@ -269,12 +269,19 @@ class Store:
         return steps[-1] if steps else None
 
     @contextmanager
-    def write_checkpoint(self, stage: str, key: str, step: int, keep: int) -> Iterator[str]:
+    def write_checkpoint(self, stage: str, key: str, step: int, keep: int, rank: int = 0,
+                         barrier: Callable[[], None] | None = None) -> Iterator[str]:
         """Yield a local folder to save a checkpoint into; on exit upload it (remote stores), mark it
-        COMPLETE and prune older checkpoints down to ``keep``."""
+        COMPLETE and prune older checkpoints down to ``keep``.
+
+        With several processes every rank enters (each writes its own files), ``barrier`` synchronises
+        them, and rank 0 alone clears a stale attempt, writes the marker and prunes.
+        """
+        sync = barrier or (lambda: None)
         dest = self.checkpoint_path(stage, key, step)
-        if self.fs.exists(dest):
+        if rank == 0 and self.fs.exists(dest):
             self.fs.rm(dest, recursive=True)  # an incomplete earlier attempt at this step
+        sync()
         local = self.local_path(stage, key, CHECKPOINTS, f"step-{step:06d}")
         if local is not None:
             os.makedirs(local, exist_ok=True)
@@ -283,13 +290,28 @@ class Store:
             with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as tmp:
                 yield tmp
                 self.fs.put(tmp.rstrip("/") + "/", dest, recursive=True)
-        self.write_bytes_atomic(posixpath.join(dest, COMPLETE), json.dumps({"step": step, "at": _utcnow()}).encode())
-        for old in self.list_checkpoints(stage, key)[:-keep]:
-            self.fs.rm(self.checkpoint_path(stage, key, old), recursive=True)
+        sync()
+        if rank == 0:
+            marker = posixpath.join(dest, COMPLETE)
+            self.write_bytes_atomic(marker, json.dumps({"step": step, "at": _utcnow()}).encode())
+            for old in self.list_checkpoints(stage, key)[:-keep]:
+                self.fs.rm(self.checkpoint_path(stage, key, old), recursive=True)
+        sync()
 
-    def fetch_checkpoint(self, stage: str, key: str, step: int) -> str:
-        """A local folder with the checkpoint's files (the folder itself on a local store)."""
-        return self.fetch(stage, key, f"{CHECKPOINTS}/step-{step:06d}")
+    def fetch_checkpoint(self, stage: str, key: str, step: int, rank: int = 0) -> str:
+        """A local folder with the checkpoint's files (the folder itself on a local store; a per-rank
+        download otherwise, so that ranks sharing a node never write the same cache folder)."""
+        rel = f"{CHECKPOINTS}/step-{step:06d}"
+        local = self.local_path(stage, key, rel)
+        if local is not None:
+            return local
+        cache = Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf")) / f"rank{rank}"
+        return self.fetch(stage, key, rel, cache_dir=str(cache))
+
+    def delete_checkpoints(self, stage: str, key: str) -> None:
+        path = self.output_path(stage, key, CHECKPOINTS)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
 
 
 class OutputWriter:

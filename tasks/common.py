@@ -52,3 +52,77 @@ def producer() -> dict[str, Any]:
     if task_ctx and task_ctx.task_run:
         out.update(task_run_id=str(task_ctx.task_run.id))
     return out
+
+
+class StageFailed(RuntimeError):
+    """A stage worker exited with an error; the task fails (and Prefect's retry resumes it)."""
+
+
+def run_stage(cfg: PipelineConfig, stage: str, key: str, upstream: dict[str, Manifest]) -> Manifest:
+    """Run a stage's worker and return its manifest, read back from the store.
+
+    launcher inprocess: in this process (one CPU process; stages then share this process's RNG and
+    torch state, so the flow should not run two at once). Otherwise a subprocess (python, torchrun or the
+    DeepSpeed launcher) whose output streams into the Prefect run logger, whose progress lines drive a
+    progress artifact, and whose non-zero exit fails the task.
+    """
+    from rlhf_core.launch import Job, command, run_job, write_job
+
+    store = store_for(cfg)
+    job = Job(stage=stage, key=key, config=cfg.model_dump(mode="json"), upstream=upstream, producer=producer())
+    if cfg.resources.launcher == "inprocess":
+        run_job(job)
+    else:
+        _stream(command(cfg, stage, write_job(store, job)), stage, cfg)
+    manifest = store.read_manifest(stage, key)
+    if manifest is None:
+        raise StageFailed(f"{stage} finished without writing {store.url_of(stage, key)}/manifest.json")
+    return manifest
+
+
+def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> None:
+    import collections
+    import json
+    import os
+    import subprocess
+
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    from rlhf_core.metrics import PROGRESS_PREFIX
+
+    logger = get_run_logger()
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.update(RLHF_PROGRESS="lines", PYTHONUNBUFFERED="1")
+    if cfg.resources.cpu_threads:
+        env["OMP_NUM_THREADS"] = str(cfg.resources.cpu_threads)
+    logger.info("launching %s: %s", stage, " ".join(cmd))
+    artifact = create_progress_artifact(0.0, description=f"{stage}: training progress")
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line.startswith(PROGRESS_PREFIX):
+                info = json.loads(line[len(PROGRESS_PREFIX):])
+                update_progress_artifact(artifact, 100.0 * info["step"] / max(info["total"], 1))
+                continue
+            if line and not _noise(line):
+                tail.append(line)
+                logger.info(line)
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0:
+        raise StageFailed(f"{stage} worker exited with code {code}; last output:\n" + "\n".join(tail))
+
+
+# A stage run in-process leaves these set; a worker must get its own from its launcher.
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _noise(line: str) -> bool:
+    """DeepSpeed's accelerator chatter and tqdm bars of model writing say nothing a user needs."""
+    return "real_accelerator.py" in line or line.startswith("Writing model shards")

@@ -67,3 +67,23 @@ def s3_server():
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under root with its size and mtime (to show that a run wrote nothing)."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+    """The tiny profile's data, SFT and reward outputs, trained once per session (SFT and reward at the
+    same time, as the pipeline runs them)."""
+    import concurrent.futures
+
+    from tests.helpers import output, prepare, worker
+
+    root = tmp_path_factory.mktemp("tiny-store")
+    cfg = tiny_config(root)
+    data = prepare(cfg)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = {s: pool.submit(worker, cfg, s, {"data": data}) for s in ("sft", "reward")}
+        for stage, fut in runs.items():
+            proc = fut.result()
+            assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return {"cfg": cfg, "data": data, "sft": output(cfg, "sft", {"data": data}),
+            "reward": output(cfg, "reward", {"data": data})}

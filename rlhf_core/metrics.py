@@ -1,0 +1,167 @@
+"""Metrics and progress of a training stage.
+
+The metric history (a list of ``{"step": n, key: value}``) is the source of truth: it is saved in every
+checkpoint, so a resumed stage keeps the curves from before the crash. Live, rank 0 appends to a JSONL
+file and a TensorBoard run under ``$RLHF_RUNS_DIR`` (default ``./runs``); at the end the stage output gets
+``metrics.jsonl``, TensorBoard event files and ``curves.png``, all rebuilt from the full history.
+
+Progress shows as a tqdm bar on a terminal, or as ``@@progress {json}`` lines when RLHF_PROGRESS=lines
+(how the Prefect task follows a worker subprocess and turns it into a progress artifact).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+PROGRESS_PREFIX = "@@progress "
+
+
+class MetricsLog:
+    def __init__(self, stage: str, run_id: str, enabled: bool, history: list[dict[str, Any]] | None = None):
+        self.stage, self.enabled = stage, enabled
+        self.history: list[dict[str, Any]] = list(history or [])
+        self.resumed_from: list[int] = []  # steps this stage restarted from after a crash
+        self._writer = None
+        self._jsonl = None
+        if enabled:
+            run_dir = os.path.join(os.environ.get("RLHF_RUNS_DIR", "runs"), f"{stage}-{run_id}")
+            os.makedirs(run_dir, exist_ok=True)
+            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(run_dir)
+            except ImportError:  # tensorboard is a dependency; keep training if a slim install lacks it
+                self._writer = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            for k, v in metrics.items():
+                self._writer.add_scalar(k, float(v), step)
+
+    def last(self, key: str) -> float | None:
+        for row in reversed(self.history):
+            if key in row:
+                return row[key]
+        return None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+    def export(self, out_dir: str, title: str) -> list[str]:
+        """Write metrics.jsonl, tensorboard/ and curves.png into ``out_dir``; returns the files written."""
+        os.makedirs(out_dir, exist_ok=True)
+        files = [os.path.join(out_dir, "metrics.jsonl")]
+        with open(files[0], "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in self.history)
+        files += write_tensorboard(self.history, os.path.join(out_dir, "tensorboard"))
+        png = os.path.join(out_dir, "curves.png")
+        if plot_curves(self.history, png, title):
+            files.append(png)
+        return files
+
+
+def write_tensorboard(history: list[dict[str, Any]], log_dir: str) -> list[str]:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return []
+    writer = SummaryWriter(log_dir)
+    for row in history:
+        for k, v in row.items():
+            if k != "step":
+                writer.add_scalar(k, v, row["step"])
+    writer.close()
+    return [os.path.join(log_dir, f) for f in sorted(os.listdir(log_dir))]
+
+
+def series(history: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for row in history:
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                xs, ys = out.setdefault(k, ([], []))
+                xs.append(row["step"])
+                ys.append(v)
+    return out
+
+
+def plot_curves(history: list[dict[str, Any]], path: str, title: str, keys: list[str] | None = None) -> bool:
+    """One small panel per metric; returns False when there is nothing to plot."""
+    data = series(history)
+    keys = [k for k in (keys or sorted(data)) if k in data and not k.startswith("timing/")]
+    if not keys:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        xs, ys = data[key]
+        ax.plot(xs, ys, marker="." if len(xs) < 30 else None, linewidth=1.2)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+class Progress:
+    """A progress bar for rank 0: tqdm on a terminal, structured lines under a Prefect task."""
+
+    def __init__(self, stage: str, total: int, initial: int = 0, enabled: bool = True):
+        self.stage, self.total, self.n, self.enabled = stage, total, initial, enabled
+        self.mode = os.environ.get("RLHF_PROGRESS", "bar")
+        self._bar = None
+        self._last_emit = 0.0
+        if enabled and self.mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=stage, dynamic_ncols=True, file=sys.stderr)
+        self._emit(force=True)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()},
+                                      refresh=False)
+        self._emit(postfix=postfix, force=self.n >= self.total)
+
+    def _emit(self, postfix: dict[str, Any] | None = None, force: bool = False) -> None:
+        if not self.enabled or self.mode != "lines":
+            return
+        now = time.monotonic()
+        if force or now - self._last_emit >= 2.0:
+            self._last_emit = now
+            payload = {"stage": self.stage, "step": self.n, "total": self.total, **(postfix or {})}
+            print(PROGRESS_PREFIX + json.dumps(payload, default=float), flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,122 @@
+"""The training loop shared by the SFT and reward stages.
+
+Per optimizer step: ``gradient_accumulation_steps`` micro-batches per rank, DeepSpeed's backward/step,
+metrics reduced over ranks, a checkpoint every ``checkpoint_every`` steps and an evaluation every
+``eval_every``. The position (epoch, micro-batch) is part of the checkpoint, so a restart continues with
+the very next micro-batch and, with the RNG streams restored, computes what the uninterrupted run would.
+
+Loss normalisation: the step function receives the number of loss units (tokens for SFT, pairs for the
+reward model) in the whole accumulation window over all ranks, and returns ``sum * world * accum /
+window_units``; after DeepSpeed's 1/accum scaling and the all-reduce average, the gradient is the exact
+mean over the window, whatever the world size or accumulation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rlhf_core.config import TrainStageConfig
+from rlhf_core.metrics import MetricsLog, Progress
+from rlhf_core.trainers.common import StageContext, epoch_batches, load_checkpoint, maybe_inject_fault, save_checkpoint
+
+StepFn = Callable[[list[int], float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class LoopSpec:
+    stage_cfg: TrainStageConfig
+    n_rows: int
+    units: Callable[[list[int]], int]  # loss units (tokens, pairs) in a list of rows
+    step: StepFn  # (row indices, window units) -> (loss to backprop, per-micro metric sums)
+    evaluate: Callable[[], dict[str, float]]
+
+
+def plan_steps(cfg: TrainStageConfig, n_rows: int, world: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    micro_steps = n_rows // (cfg.micro_batch_size * world)
+    per_epoch = micro_steps // cfg.gradient_accumulation_steps
+    if per_epoch == 0:
+        raise ValueError(
+            f"{n_rows} training rows are fewer than one optimizer step needs "
+            f"(micro_batch_size {cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps} x "
+            f"{world} processes); lower the batch size or add data"
+        )
+    total = per_epoch * cfg.epochs
+    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def _reduce(values: dict[str, float]) -> dict[str, float]:
+    """Sum metric sums over ranks (one small all-reduce per optimizer step)."""
+    if not values or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> MetricsLog:
+    cfg = spec.stage_cfg
+    world, rank, accum = ctx.dist.world_size, ctx.dist.rank, cfg.gradient_accumulation_steps
+    per_epoch, total = plan_steps(cfg, spec.n_rows, world)
+    ctx.log(f"{spec.n_rows} rows, {per_epoch} steps/epoch, {total} steps; global batch "
+            f"{cfg.micro_batch_size * accum * world} = micro {cfg.micro_batch_size} x accum {accum} x {world} procs")
+
+    state = load_checkpoint(ctx, {"engine": engine})
+    resumed = state is not None
+    state = state or {"global_step": 0, "epoch": 0, "micro_pos": 0, "history": [], "resumed_from": []}
+    step, epoch, micro_pos = state["global_step"], state["epoch"], state["micro_pos"]
+    log = MetricsLog(ctx.stage, ctx.run_id, ctx.is_main, history=state["history"])
+    log.resumed_from = state["resumed_from"] + ([step] if resumed else [])
+    if step == 0:
+        log.log(0, {f"eval/{k}": v for k, v in spec.evaluate().items()})
+    progress = Progress(ctx.stage, total, initial=step, enabled=ctx.is_main)
+    t_step = time.perf_counter()
+    sums: dict[str, float] = {}
+
+    while step < total:
+        schedule = epoch_batches(spec.n_rows, cfg.micro_batch_size, world, cfg.seed, epoch)
+        usable = len(schedule) - len(schedule) % accum
+        for mi in range(micro_pos, usable):
+            start = mi - mi % accum
+            window_units = sum(spec.units(rows) for batch in schedule[start:start + accum] for rows in batch)
+            engine.train()
+            loss, metrics = spec.step(schedule[mi][rank], float(window_units))
+            engine.backward(loss)
+            engine.step()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if (mi + 1) % accum:
+                continue
+            step += 1
+            reduced = _reduce(sums)
+            sums = {}
+            elapsed = time.perf_counter() - t_step
+            t_step = time.perf_counter()
+            row = {k.removeprefix("sum/"): v / window_units for k, v in reduced.items() if k.startswith("sum/")}
+            row.update({"lr": engine.get_lr()[0], "timing/step_s": elapsed})
+            if step % cfg.log_every == 0 or step == total:
+                log.log(step, row)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                log.log(step, {f"eval/{k}": v for k, v in spec.evaluate().items()})
+            progress.update(1, **{k: v for k, v in row.items() if k == "loss"})
+            if step % cfg.checkpoint_every == 0 and step < total:
+                save_checkpoint(ctx, step, {"engine": engine},
+                                {"global_step": step, "epoch": epoch, "micro_pos": mi + 1, "history": log.history,
+                                 "resumed_from": log.resumed_from})
+            maybe_inject_fault(ctx.stage, step)
+            if step >= total:
+                break
+        else:
+            epoch, micro_pos = epoch + 1, 0
+            continue
+        break
+    log.log(step, {f"eval/{k}": v for k, v in spec.evaluate().items()})
+    progress.close()
+    return log

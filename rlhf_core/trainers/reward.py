@@ -1,0 +1,165 @@
+"""Step 2: the reward model, trained with the pairwise ranking loss -log sigmoid(r_chosen - r_rejected)
+(InstructGPT eq. 1) on the score at each sequence's last real token."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_core import stages
+from rlhf_core.data.formats import render_answer, render_prompt
+from rlhf_core.data.prepare import load_split
+from rlhf_core.engine import initialize
+from rlhf_core.models import (apply_lora, build_reward_model, enable_gradient_checkpointing, load_tokenizer, merge_lora,
+                              save_reward_model, sequence_scores)
+from rlhf_core.store import Manifest
+from rlhf_core.trainers.common import StageContext, gather_state_dict, load_into_skeleton
+from rlhf_core.trainers.loop import LoopSpec, plan_steps, run_loop
+from rlhf_core.trainers.sft import _card
+
+
+@dataclass
+class Pair:
+    chosen: list[int]
+    rejected: list[int]
+
+
+def tokenize_preferences(ctx: StageContext, split: str, tokenizer) -> list[Pair]:
+    ds = load_split(ctx.store, ctx.upstream[stages.DATA], f"reward/{split}")
+    fmt, max_len, eos = ctx.cfg.data.prompt_format, ctx.cfg.reward.max_seq_len, tokenizer.eos_token_id
+    prompts = tokenizer([render_prompt(p, fmt, tokenizer) for p in ds["prompt"]], add_special_tokens=True)["input_ids"]
+    chosen = tokenizer([render_answer(a, fmt) for a in ds["chosen"]], add_special_tokens=False)["input_ids"]
+    rejected = tokenizer([render_answer(a, fmt) for a in ds["rejected"]], add_special_tokens=False)["input_ids"]
+    return [Pair((p + c + [eos])[:max_len], (p + r + [eos])[:max_len]) for p, c, r in zip(prompts, chosen, rejected)]
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen rows first, then rejected rows, right-padded: input_ids, attention_mask [2B, T]."""
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pair_scores(engine, pairs: list[Pair], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = collate_pairs(pairs, pad_id, device)
+    scores = _score(engine, ids, mask)
+    return scores[: len(pairs)], scores[len(pairs):]
+
+
+def _score(engine, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scores [B] through the engine (so ZeRO-3 gathers parameters as it goes)."""
+    return sequence_scores(engine(ids, mask), mask)
+
+
+def evaluate_reward(engine, pairs: list[Pair], pad_id: int, micro: int, rank: int, world: int,
+                    device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
+    """Pairwise accuracy and mean chosen/rejected scores; also every score (for the normalising stats)."""
+    engine.eval()
+    mine = pairs[rank::world]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct, chosen, rejected, n
+    all_scores = []
+    with torch.no_grad():
+        for i in range(0, max(len(mine), 1), micro):
+            chunk = mine[i:i + micro] or pairs[:1]
+            weight = 1.0 if mine[i:i + micro] else 0.0
+            ids, mask = collate_pairs(chunk, pad_id, device)
+            s = _score(engine, ids, mask).double()
+            c, r = s[: len(chunk)], s[len(chunk):]
+            sums += weight * torch.stack([(c > r).sum(), c.sum(), r.sum(), torch.tensor(float(len(chunk)), device=device)])
+            if weight:
+                all_scores.append(s.cpu())
+    if torch.distributed.is_initialized() and world > 1:
+        torch.distributed.all_reduce(sums)
+    n = sums[3].clamp(min=1)
+    metrics = {"accuracy": (sums[0] / n).item(), "chosen_score": (sums[1] / n).item(),
+               "rejected_score": (sums[2] / n).item()}
+    return metrics, torch.cat(all_scores) if all_scores else torch.zeros(0, dtype=torch.float64)
+
+
+def _score_stats(local_scores: torch.Tensor, world: int) -> tuple[float, float]:
+    """Mean and std of scores over all ranks."""
+    t = torch.tensor([local_scores.sum().item(), (local_scores**2).sum().item(), float(local_scores.numel())],
+                     dtype=torch.float64)
+    if torch.distributed.is_initialized() and world > 1:
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+        t = t.cpu()
+    s, ss, n = t.tolist()
+    mean = s / max(n, 1)
+    return mean, max(ss / max(n, 1) - mean * mean, 0.0) ** 0.5
+
+
+def train_reward(ctx: StageContext) -> Manifest | None:
+    cfg, rw, dist = ctx.cfg, ctx.cfg.reward, ctx.dist
+    torch.manual_seed(rw.seed)
+    tokenizer = load_tokenizer(cfg.models.reward, "reward")
+    train = tokenize_preferences(ctx, "train", tokenizer)
+    evals = tokenize_preferences(ctx, "eval", tokenizer)
+    _, total_steps = plan_steps(rw, len(train), dist.world_size)
+    model = _build(ctx, tokenizer)
+    engine = initialize(model, rw.deepspeed, rw.optimizer, rw.micro_batch_size, rw.gradient_accumulation_steps,
+                        dist.world_size, total_steps)
+    pad = tokenizer.pad_token_id
+
+    def step(rows: list[int], window_units: float):
+        chosen, rejected = pair_scores(engine, [train[i] for i in rows], pad, dist.device)
+        losses = -F.logsigmoid(chosen - rejected)
+        loss = losses.sum() * dist.world_size * rw.gradient_accumulation_steps / window_units
+        return loss, {"sum/loss": losses.sum().detach(), "sum/accuracy": (chosen > rejected).sum().detach(),
+                      "sum/margin": (chosen - rejected).sum().detach()}
+
+    def evaluate():
+        return evaluate_reward(engine, evals, pad, rw.micro_batch_size, dist.rank, dist.world_size, dist.device)[0]
+
+    spec = LoopSpec(rw, len(train), len, step, evaluate)
+    t0 = time.perf_counter()
+    log = run_loop(ctx, engine, spec)
+    train_s = time.perf_counter() - t0
+
+    _, scores = evaluate_reward(engine, evals, pad, rw.micro_batch_size, dist.rank, dist.world_size, dist.device)
+    mean, std = _score_stats(scores, dist.world_size)
+    state = gather_state_dict(engine)
+    if not ctx.is_main:
+        return None
+    first = next(r for r in log.history if "eval/accuracy" in r)
+    metrics = {
+        "eval_accuracy_before": first["eval/accuracy"], "eval_accuracy": log.last("eval/accuracy"),
+        "eval_chosen_score": log.last("eval/chosen_score"), "eval_rejected_score": log.last("eval/rejected_score"),
+        "score_mean": mean, "score_std": std, "train_loss": log.last("loss"),
+        "steps": max(r["step"] for r in log.history), "train_pairs": len(train), "train_seconds": round(train_s, 2),
+        "resumed_from": log.resumed_from,
+    }
+    with ctx.store.open_output(ctx.stage, ctx.key) as out, tempfile.TemporaryDirectory() as tmp:
+        skeleton = merge_lora(load_into_skeleton(_build(ctx, tokenizer, for_export=True), state))
+        meta = {"score_mean": mean, "score_std": std, "max_seq_len": rw.max_seq_len,
+                "prompt_format": cfg.data.prompt_format, "eval_accuracy": metrics["eval_accuracy"]}
+        save_reward_model(skeleton, tokenizer, os.path.join(tmp, "model"), meta)
+        with open(os.path.join(tmp, "model", "README.md"), "w") as f:
+            f.write(_card("Reward model", cfg.models.reward.name_or_path or "architecture", metrics))
+        out.put_dir(os.path.join(tmp, "model"), "model")
+        for path in log.export(os.path.join(tmp, "logs"), f"Reward model {ctx.key[:8]}"):
+            out.put_file(path, "logs/" + os.path.relpath(path, os.path.join(tmp, "logs")))
+        manifest = out.commit(stage_version=stages.VERSIONS[stages.REWARD], config=stages.reward_config(cfg),
+                              upstream=ctx.upstream, metrics=metrics, producer=ctx.producer)
+    log.close()
+    return manifest
+
+
+def _build(ctx: StageContext, tokenizer, for_export: bool = False):
+    rw = ctx.cfg.reward
+    model = build_reward_model(ctx.cfg.models.reward, tokenizer, dropout=rw.dropout)
+    model = apply_lora(model, rw.lora)
+    if rw.gradient_checkpointing and not for_export:
+        enable_gradient_checkpointing(model)
+    return model

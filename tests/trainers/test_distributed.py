@@ -1,0 +1,33 @@
+"""Two processes under torchrun (gloo, CPU) give the same SFT result as one, at ZeRO-2 and ZeRO-3: the
+global batch and the loss normalisation do not depend on the world size."""
+
+import pytest
+
+from tests.conftest import tiny_config
+from tests.helpers import assert_same_weights, output, prepare, weights, worker
+
+pytestmark = pytest.mark.slow
+STEPS = {"sft.max_steps": 12, "sft.checkpoint_every": 100, "sft.micro_batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("one"), **STEPS, **{"sft.deepspeed.zero_stage": 2})
+    up = {"data": prepare(cfg)}
+    proc = worker(cfg, "sft", up)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    return cfg, output(cfg, "sft", up)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_processes_match_one(one_process, zero, tmp_path):
+    ref_cfg, ref = one_process
+    cfg = tiny_config(tmp_path, **{**STEPS, "sft.micro_batch_size": 8, "sft.deepspeed.zero_stage": zero,
+                                   "resources.nproc_per_node": 2, "resources.launcher": "torchrun"})
+    up = {"data": prepare(cfg)}
+    proc = worker(cfg, "sft", up)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = output(cfg, "sft", up)
+    assert "global batch 16 = micro 8 x accum 1 x 2 procs" in proc.stdout
+    assert got.metrics["eval_loss"] == pytest.approx(ref.metrics["eval_loss"], abs=2e-4)
+    assert_same_weights(weights(ref_cfg, ref), weights(cfg, got), atol=2e-4)
