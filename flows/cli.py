@@ -2,6 +2,7 @@
 
     rlhf run --profile tiny [--set ppo.kl.coef=0.05 ...]   run the pipeline (finished stages are cache hits)
     rlhf config --profile tiny [--set ...]                 print the validated config
+    rlhf chat --model <store URL or path>                  chat with a trained actor
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     params = _params(args)
-    params.config()  # validate before Prefect or any stage starts
+    cfg = params.config()  # validate before Prefect or any stage starts
+    if cfg.resources.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU runs
     _prefect_defaults()
     from flows.pipeline import rlhf_pipeline
 
@@ -43,14 +46,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from rlhf_core.chat import Chat, repl
+
+    chat = Chat(args.model, style=args.style, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                temperature=args.temperature)
+    repl(chat)
+    return 0
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     print("\nOutputs:")
-    for stage, info in summary.items():
-        print(f"  {stage:9s} {info['url']}")
-    headline = summary.get("headline")
-    if headline:
+    for stage, url in summary["outputs"].items():
+        print(f"  {stage:9s} {url}")
+    if summary.get("report"):
+        print(f"  report    {summary['report']}")
+    if summary.get("headline"):
         print("\nHeadline:")
-        for k, v in headline.items():
+        for k, v in summary["headline"].items():
             print(f"  {k}: {v}")
 
 
@@ -65,17 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_profile(sub.add_parser("run", help="run the pipeline")).set_defaults(fn=cmd_run)
     with_profile(sub.add_parser("config", help="print the validated config")).set_defaults(fn=cmd_config)
+    chat = sub.add_parser("chat", help="chat with a trained actor")
+    chat.add_argument("--model", required=True, help="path or store URL of a model folder (e.g. <root>/export/<key>/final)")
+    chat.add_argument("--style", choices=["human_assistant", "chat_template"], default="human_assistant",
+                      help="DeepSpeed-Chat's Human/Assistant text, or the tokenizer's chat template")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    chat.add_argument("--temperature", type=float, default=1.0)
+    chat.set_defaults(fn=cmd_chat)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     from rlhf_core.config import ConfigError
     from rlhf_core.data.adapters import DataError
+    from rlhf_core.models import ModelLoadError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ModelLoadError) as e:
         print(f"rlhf: {e}", file=sys.stderr)
         return 2
 

@@ -7,9 +7,13 @@ from typing import Any
 from prefect import flow
 
 from flows.params import RunParams
+from rlhf_core.config import PipelineConfig
 from rlhf_core.store import Manifest
 from tasks.common import store_for
 from tasks.data import prepare_data
+from tasks.evaluate import evaluate
+from tasks.export import export_actors
+from tasks.ppo import train_ppo
 from tasks.reward import train_reward
 from tasks.sft import train_sft
 
@@ -21,12 +25,34 @@ def rlhf_pipeline(params: RunParams = RunParams()) -> dict[str, Any]:
     data = prepare_data.submit(cfg)
     sft = train_sft.submit(cfg, data)
     reward = train_reward.submit(cfg, data)  # independent of the actor: runs beside SFT
-    return summarize(cfg, {"data": data.result(), "sft": sft.result(), "reward": reward.result()})
+    ppo = train_ppo.submit(cfg, data, sft, reward)
+    exported = export_actors.submit(cfg, ppo)
+    report = evaluate.submit(cfg, data, sft, reward, exported)
+    return summarize(cfg, {"data": data.result(), "sft": sft.result(), "reward": reward.result(),
+                           "ppo": ppo.result(), "export": exported.result(), "evaluate": report.result()})
 
 
-def summarize(cfg, outputs: dict[str, Manifest]) -> dict[str, Any]:
+def summarize(cfg: PipelineConfig, outputs: dict[str, Manifest]) -> dict[str, Any]:
+    """Where every output is, and the numbers a person looks at first."""
     store = store_for(cfg)
-    return {name: {"url": store.url_of(m.stage, m.key), "metrics": m.metrics} for name, m in outputs.items()}
+    summary: dict[str, Any] = {"outputs": {name: store.url_of(m.stage, m.key) for name, m in outputs.items()}}
+    headline: dict[str, Any] = {}
+    if "sft" in outputs:
+        headline["sft held-out loss"] = _fmt(outputs["sft"].metrics.get("eval_loss"))
+    if "reward" in outputs:
+        headline["reward model held-out accuracy"] = _fmt(outputs["reward"].metrics.get("eval_accuracy"))
+    if "evaluate" in outputs:
+        models = outputs["evaluate"].metrics["models"]
+        for metric in ("reward_score", "win_rate_vs_sft", "gold_reward", "kl_to_sft", "ptx_perplexity"):
+            if metric in models.get("sft", {}):
+                headline[metric] = "  ".join(f"{name} {_fmt(row[metric])}" for name, row in models.items())
+        summary["report"] = store.url_of("evaluate", outputs["evaluate"].key, "report.md")
+    summary["headline"] = headline
+    return summary
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def _run_name() -> str:

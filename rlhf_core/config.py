@@ -244,6 +244,10 @@ class SFTConfig(TrainStageConfig):
     mask_prompt: bool = Field(
         False, description="Train only on answer tokens (DeepSpeed-Chat trains on prompt and answer)."
     )
+    ptx_coef: float = Field(
+        0.0, ge=0, description="Mix the pretraining corpus (data.ptx) into SFT with this weight: guards a "
+        "pretrained base against forgetting, and stands in for pretraining when the actor starts from scratch."
+    )
 
 
 class RewardConfig(TrainStageConfig):
@@ -335,6 +339,10 @@ class HybridEngineConfig(Section):
 
 
 class EvalConfig(Section):
+    gold_reward: Literal["none", "tiny_task"] = Field(
+        "none", description="A programmatic gold reward to report besides the learned one: 'tiny_task' is the "
+        "bundled task's (rlhf_core/gold.py)."
+    )
     num_prompts: int = Field(64, ge=1, description="Held-out PPO prompts to sample from.")
     max_answer_len: int | None = Field(None, ge=1, description="Default: ppo.generation.max_answer_len.")
     do_sample: bool = False
@@ -398,8 +406,9 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
-        if self.mixture.ptx_coef > 0 and not self.data.ptx.path:
-            raise ValueError("mixture.ptx_coef > 0 needs data.ptx.path (a plain-text corpus)")
+        for key, coef in (("mixture.ptx_coef", self.mixture.ptx_coef), ("sft.ptx_coef", self.sft.ptx_coef)):
+            if coef > 0 and not self.data.ptx.path:
+                raise ValueError(f"{key} > 0 needs data.ptx.path (a plain-text corpus)")
         if self.data.max_prompt_tokens + self.ppo.generation.max_answer_len > _max_positions(self.models.actor):
             raise ValueError(
                 f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + ppo.generation.max_answer_len "

@@ -178,3 +178,23 @@ def initialize(model: torch.nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig
 
 def trainable_parameters(params: Iterable[torch.nn.Parameter]) -> int:
     return sum(p.numel() for p in params if p.requires_grad)
+
+
+def iter_full_parameters(module: torch.nn.Module, zero3: bool, want: bool):
+    """Yield ``(names, tensor)`` for every parameter of ``module`` with its full value.
+
+    Under ZeRO-3 each parameter is gathered (a collective every rank must join) and released again, so
+    peak memory stays at one full parameter; ``want`` says whether this rank uses the value (others get
+    None). Tied parameters come once, with all their names (``remove_duplicate=False``).
+    """
+    groups: dict[int, tuple[list[str], torch.nn.Parameter]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), ([], param))[0].append(name)
+    for names, param in groups.values():
+        if zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                yield names, (param.data if want else None)
+        else:
+            yield names, (param.data if want else None)

@@ -31,12 +31,15 @@ SENTENCE_TEMPLATES = (
     "it looks {a} .",
     "it feels very {a} .",
 )
+# The pretraining corpus is general text about the same world in another register (relations between
+# things, not answers to questions). The tiny actor has no pretraining, so the tiny profile mixes this
+# corpus into SFT (sft.ptx_coef); PPO then only practises answers and drifts away from it (the
+# "alignment tax" that the PPO mixture, mixture.ptx_coef, is there to pay back).
 CORPUS_TEMPLATES = (
-    "the {t} is {a} .",
     "the {t} is near the {u} .",
     "the {t} and the {u} are {a} .",
-    "it feels {a} and {b} .",
     "the {t} has a {a} {u} .",
+    "a {a} {t} sits by the {u} .",
 )
 MAX_SCORE = 3.0
 _POS, _NEG, _TOPICS = frozenset(POSITIVE), frozenset(NEGATIVE), frozenset(TOPICS)
@@ -99,13 +102,28 @@ def sample_answer(rng: random.Random, topic: str, p_on_topic: float = 0.7, p_pos
     return " ".join(sentences)
 
 
-def sample_pair(rng: random.Random, min_margin: float = 1.0) -> dict[str, str]:
-    """A preference row: two answers whose gold rewards differ by at least ``min_margin``."""
+def sample_pair(rng: random.Random, min_margin: float = 1.0, p_topic_contrast: float = 0.25,
+                p_repeat_contrast: float = 0.15) -> dict[str, str]:
+    """A preference row: two answers whose gold rewards differ by at least ``min_margin``.
+
+    Some pairs are contrasts that differ in one respect only, so that a reward model learns more than
+    counting adjectives: the same answer about another topic, or with every positive adjective replaced
+    by the first one (repetition earns nothing).
+    """
     prompt = sample_prompt(rng)
     topic = prompt_topic(prompt)
     assert topic is not None
     while True:
-        a, b = sample_answer(rng, topic), sample_answer(rng, topic)
+        a = sample_answer(rng, topic)
+        kind = rng.random()
+        if kind < p_topic_contrast:
+            other = rng.choice([t for t in TOPICS if t != topic])
+            b = " ".join(other if w == topic else w for w in a.split())
+        elif kind < p_topic_contrast + p_repeat_contrast and any(w in _POS for w in a.split()):
+            first = next(w for w in a.split() if w in _POS)
+            b = " ".join(first if w in _POS else w for w in a.split())
+        else:
+            b = sample_answer(rng, topic)
         ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
         if abs(ga - gb) >= min_margin:
             chosen, rejected = (a, b) if ga > gb else (b, a)
@@ -116,6 +134,5 @@ def sample_corpus_line(rng: random.Random) -> str:
     sentences = []
     for _ in range(rng.choice((1, 2, 3))):
         t, u = rng.sample(TOPICS, 2)
-        a, b = (rng.choice(POSITIVE + NEGATIVE) for _ in range(2))
-        sentences.append(rng.choice(CORPUS_TEMPLATES).format(t=t, u=u, a=a, b=b))
+        sentences.append(rng.choice(CORPUS_TEMPLATES).format(t=t, u=u, a=rng.choice(POSITIVE + NEGATIVE)))
     return " ".join(sentences)

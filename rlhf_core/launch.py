@@ -33,17 +33,13 @@ class Job(BaseModel):
 
 
 def trainers() -> dict[str, Callable]:
+    """Stage name -> the function that runs it on a StageContext (rank 0 returns the manifest)."""
+    from rlhf_core.evaluate import run_evaluate
+    from rlhf_core.trainers.ppo import train_ppo
     from rlhf_core.trainers.reward import train_reward
     from rlhf_core.trainers.sft import train_sft
 
-    out: dict[str, Callable] = {"sft": train_sft, "reward": train_reward}
-    try:
-        from rlhf_core.trainers.ppo import train_ppo
-
-        out["ppo"] = train_ppo
-    except ImportError:
-        pass
-    return out
+    return {"sft": train_sft, "reward": train_reward, "ppo": train_ppo, "evaluate": run_evaluate}
 
 
 def run_job(job: Job) -> Manifest | None:
@@ -58,7 +54,12 @@ def run_job(job: Job) -> Manifest | None:
     existing = store.read_manifest(job.stage, job.key)
     if existing is not None:
         return existing
-    ctx = StageContext(cfg, store, job.stage, job.key, job.upstream, dist, job.producer)
+    import datetime
+    import socket
+
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    producer = {**job.producer, "started_at": started, "host": socket.gethostname(), "world_size": dist.world_size}
+    ctx = StageContext(cfg, store, job.stage, job.key, job.upstream, dist, producer)
     manifest = trainers()[job.stage](ctx)
     barrier()
     if ctx.is_main and not cfg.storage.keep_checkpoints_after_commit:

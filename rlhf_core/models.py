@@ -53,6 +53,20 @@ def load_tokenizer(spec: ModelSpec, role: str = "actor", padding_side: str = "ri
     return tok
 
 
+def load_saved_tokenizer(path: str, padding_side: str = "right"):
+    """The tokenizer a stage saved next to its model (it already carries the pad token chosen then)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(local_copy(path))
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer saved in {path} ({type(e).__name__}: {e})") from None
+    if tok.pad_token is None:
+        raise ModelLoadError(f"the tokenizer saved in {path} has no pad token")
+    tok.padding_side = padding_side
+    return tok
+
+
 # ----------------------------------------------------------------------------------------------- configs
 
 _DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "attention_probs_dropout_prob",
@@ -169,9 +183,11 @@ class RewardModel(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Args: input_ids, attention_mask [B, T]. Returns: values [B, T] (float32)."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Args: input_ids, attention_mask, optional position_ids [B, T]. Returns: values [B, T] (float32)."""
+        kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
         return self.v_head(hidden).squeeze(-1).float()
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,11 @@ def data_key(cfg: PipelineConfig) -> str:
 
 
 def sft_config(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"actor": _model(cfg.models.actor), "sft": cfg.sft.model_dump(mode="json"),
-            "prompt_format": cfg.data.prompt_format, "world_size": cfg.resources.world_size}
+    out = {"actor": _model(cfg.models.actor), "sft": cfg.sft.model_dump(mode="json"),
+           "prompt_format": cfg.data.prompt_format, "world_size": cfg.resources.world_size}
+    if cfg.sft.ptx_coef > 0:
+        out["ptx"] = cfg.data.ptx.model_dump(mode="json", exclude={"path"})
+    return out
 
 
 def reward_config(cfg: PipelineConfig) -> dict[str, Any]:
@@ -58,7 +61,8 @@ def ppo_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {"ppo": cfg.ppo.model_dump(mode="json"), "ema": cfg.ema.model_dump(mode="json"),
             "mixture": cfg.mixture.model_dump(mode="json"), "ptx": cfg.data.ptx.model_dump(mode="json", exclude={"path"}),
             "hybrid_engine": cfg.hybrid_engine.model_dump(mode="json"), "prompt_format": cfg.data.prompt_format,
-            "max_prompt_tokens": cfg.data.max_prompt_tokens, "world_size": cfg.resources.world_size}
+            "max_prompt_tokens": cfg.data.max_prompt_tokens, "world_size": cfg.resources.world_size,
+            "gold_reward": cfg.eval.gold_reward}
 
 
 def sft_key(cfg: PipelineConfig, data: Manifest) -> str:
@@ -77,7 +81,11 @@ def export_key(cfg: PipelineConfig, ppo: Manifest) -> str:
     return _key(EXPORT, cfg.export.model_dump(mode="json"), {PPO: ppo})
 
 
+def evaluate_config(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"eval": cfg.eval.model_dump(mode="json"), "prompt_format": cfg.data.prompt_format,
+            "max_answer_len": cfg.eval.max_answer_len or cfg.ppo.generation.max_answer_len,
+            "ptx_block_tokens": cfg.data.ptx.block_tokens}
+
+
 def evaluate_key(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest, export: Manifest) -> str:
-    config = {"eval": cfg.eval.model_dump(mode="json"), "prompt_format": cfg.data.prompt_format,
-              "generation": cfg.ppo.generation.model_dump(mode="json")}
-    return _key(EVALUATE, config, {DATA: data, SFT: sft, REWARD: reward, EXPORT: export})
+    return _key(EVALUATE, evaluate_config(cfg), {DATA: data, SFT: sft, REWARD: reward, EXPORT: export})

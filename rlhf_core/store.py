@@ -92,7 +92,7 @@ def package_versions() -> dict[str, str]:
 
 
 def _utcnow() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 class Store:

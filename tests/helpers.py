@@ -57,3 +57,37 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
             assert torch.equal(a[name], b[name]), f"{name} differs (max {(a[name] - b[name]).abs().max():.3g})"
         else:
             torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def copy_trained(tiny_trained: dict, root: Path) -> PipelineConfig:
+    """A new store holding the session's data, SFT and reward outputs (so PPO tests skip steps 1-2)."""
+    import shutil
+
+    src = Path(Store.from_config(tiny_trained["cfg"].storage).root)
+    for stage in (stages.DATA, stages.SFT, stages.REWARD):
+        shutil.copytree(src / stage, root / stage)
+    return root
+
+
+def evaluate_actor(cfg: PipelineConfig, tiny: dict, actor_path: str | None):
+    """Sample the held-out prompts from an actor (None: the SFT model) the way the evaluate stage does."""
+    from rlhf_core.data.prepare import load_split
+    from rlhf_core.evaluate import sample_model
+    from rlhf_core.experience import RewardScorer, tokenize_prompts
+    from rlhf_core.models import load_causal_lm, load_reward_model, load_saved_tokenizer
+    from rlhf_core.ptx import load_blocks
+
+    store = Store.from_config(tiny["cfg"].storage)
+    sft_path = store.fetch("sft", tiny["sft"].key, "model")
+    rm_path = store.fetch("reward", tiny["reward"].key, "model")
+    tok = load_saved_tokenizer(sft_path, padding_side="left")
+    scorer = RewardScorer(load_reward_model(rm_path).eval(), load_saved_tokenizer(rm_path), tok,
+                          cfg.data.prompt_format, cfg.reward.max_seq_len, torch.device("cpu"))
+    prompts = list(load_split(store, tiny["data"], "ppo/eval")["prompt"])[: cfg.eval.num_prompts]
+    blocks = load_blocks(store, tiny["data"], tok, cfg.data.ptx.block_tokens, cfg.eval.ptx_blocks, split="eval")
+    sft = load_causal_lm(sft_path).eval()
+    model = load_causal_lm(actor_path).eval() if actor_path else sft
+    s = sample_model(model, sft, tok, scorer, prompts, tokenize_prompts(prompts, tok, cfg.data.prompt_format),
+                     cfg, torch.device("cpu"), blocks)
+    n = len(s.gold)
+    return {"gold": sum(s.gold) / n, "kl": sum(s.kl) / n, "ppl": s.ptx_perplexity, "score": sum(s.scores) / n}

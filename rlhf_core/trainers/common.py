@@ -138,26 +138,20 @@ def load_checkpoint(ctx: StageContext, engines: dict[str, Any]) -> dict[str, Any
 def gather_state_dict(engine, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
     """The full weights of an engine's module on rank 0 (None elsewhere); collective under ZeRO-3, where
     parameters are gathered one at a time so peak memory stays at one full parameter."""
+    from rlhf_core.engine import iter_full_parameters
+
     module = engine.module
     is_main = torch.distributed.get_rank() == 0
     out: dict[str, torch.Tensor] = {}
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        # remove_duplicate=False: a tied weight (OPT's lm_head) is gathered once and stored under each name.
-        seen: dict[int, torch.Tensor] = {}
-        for name, param in module.named_parameters(remove_duplicate=False):
-            if id(param) not in seen:
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                    seen[id(param)] = param.data.detach().to("cpu", dtype or param.dtype).clone() if is_main else None
-            if is_main:
-                out[name] = seen[id(param)]
+    for names, value in iter_full_parameters(module, engine.zero_optimization_stage() == 3, want=is_main):
         if is_main:
-            persistent = set(module.state_dict())
-            out.update({n: b.detach().to("cpu").clone() for n, b in module.named_buffers() if n in persistent})
-    elif is_main:
-        out = {k: v.detach().to("cpu", dtype or v.dtype).clone() for k, v in module.state_dict().items()}
-    return out if is_main else None
+            copy = value.detach().to("cpu", dtype or value.dtype).clone()
+            out.update({n: copy for n in names})
+    if not is_main:
+        return None
+    persistent = set(module.state_dict())
+    out.update({n: b.detach().to("cpu").clone() for n, b in module.named_buffers() if n in persistent})
+    return out
 
 
 def load_into_skeleton(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:

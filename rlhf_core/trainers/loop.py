@@ -23,7 +23,8 @@ from rlhf_core.config import TrainStageConfig
 from rlhf_core.metrics import MetricsLog, Progress
 from rlhf_core.trainers.common import StageContext, epoch_batches, load_checkpoint, maybe_inject_fault, save_checkpoint
 
-StepFn = Callable[[list[int], float], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (row indices, window units, global micro-batch index) -> (loss to backprop, per-micro metric sums)
+StepFn = Callable[[list[int], float, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -31,7 +32,7 @@ class LoopSpec:
     stage_cfg: TrainStageConfig
     n_rows: int
     units: Callable[[list[int]], int]  # loss units (tokens, pairs) in a list of rows
-    step: StepFn  # (row indices, window units) -> (loss to backprop, per-micro metric sums)
+    step: StepFn
     evaluate: Callable[[], dict[str, float]]
 
 
@@ -87,7 +88,7 @@ def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> MetricsLog:
             start = mi - mi % accum
             window_units = sum(spec.units(rows) for batch in schedule[start:start + accum] for rows in batch)
             engine.train()
-            loss, metrics = spec.step(schedule[mi][rank], float(window_units))
+            loss, metrics = spec.step(schedule[mi][rank], float(window_units), epoch * usable + mi)
             engine.backward(loss)
             engine.step()
             for k, v in metrics.items():

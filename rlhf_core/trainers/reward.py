@@ -112,7 +112,7 @@ def train_reward(ctx: StageContext) -> Manifest | None:
                         dist.world_size, total_steps)
     pad = tokenizer.pad_token_id
 
-    def step(rows: list[int], window_units: float):
+    def step(rows: list[int], window_units: float, _micro_index: int):
         chosen, rejected = pair_scores(engine, [train[i] for i in rows], pad, dist.device)
         losses = -F.logsigmoid(chosen - rejected)
         loss = losses.sum() * dist.world_size * rw.gradient_accumulation_steps / window_units

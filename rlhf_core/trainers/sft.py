@@ -124,13 +124,27 @@ def train_sft(ctx: StageContext) -> Manifest | None:
     engine = initialize(model, sft.deepspeed, sft.optimizer, sft.micro_batch_size, sft.gradient_accumulation_steps,
                         dist.world_size, total_steps)
     pad = tokenizer.pad_token_id
+    ptx = None
+    if sft.ptx_coef > 0:
+        from rlhf_core.ptx import PtxSchedule, load_blocks
 
-    def step(rows: list[int], window_units: float):
+        blocks = load_blocks(ctx.store, ctx.upstream[stages.DATA], tokenizer, cfg.data.ptx.block_tokens,
+                             cfg.data.ptx.max_blocks)
+        ptx = PtxSchedule(blocks, sft.micro_batch_size, dist.rank, dist.world_size, sft.seed + 1)
+
+    def step(rows: list[int], window_units: float, micro_index: int):
         batch = collate([train[i] for i in rows], pad, dist.device)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         s, n = token_loss_sum(logits, batch["labels"])
         loss = s * dist.world_size * sft.gradient_accumulation_steps / window_units
-        return loss, {"sum/loss": s.detach()}
+        metrics = {"sum/loss": s.detach()}
+        if ptx is not None:
+            # DeepSpeed averages micro-batches and ranks, so the coefficient weighs the mean ptx loss.
+            ids = ptx.batch(micro_index).to(dist.device)
+            ps, pn = token_loss_sum(engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, ids)
+            loss = loss + sft.ptx_coef * ps / pn
+            metrics["sum/ptx_loss"] = (ps / pn).detach() * window_units / (dist.world_size * sft.gradient_accumulation_steps)
+        return loss, metrics
 
     spec = LoopSpec(sft, len(train), lambda rows: sum(label_tokens(train[i]) for i in rows), step,
                     lambda: evaluate_lm(engine, evals, pad, sft.micro_batch_size, dist.rank, dist.world_size, dist.device))

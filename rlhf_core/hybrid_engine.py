@@ -1,0 +1,112 @@
+"""The hybrid engine: the actor switches between DeepSpeed training and generation.
+
+``HybridEngine.generate`` is the one interface step 3 uses for rollouts. This module holds the correct
+reference path (transformers ``generate`` on the training module, which under ZeRO-3 gathers each layer
+as it goes); the fast path (full bf16 weights gathered once, static KV cache, captured decode step) plugs
+in behind the same call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_core.config import GenerationConfig, HybridEngineConfig
+
+
+@dataclass(frozen=True)
+class Rollout:
+    sequences: torch.Tensor  # [B, P + A] left-padded prompt, then the answer right-padded with pad
+    attention_mask: torch.Tensor  # [B, P + A]
+    response_mask: torch.Tensor  # [B, A] 1 up to and including the first EOS
+    prompt_len: int  # P
+
+    @property
+    def responses(self) -> torch.Tensor:  # [B, A]
+        return self.sequences[:, self.prompt_len:]
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu",
+             length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask [B, P] (P = the longest row, or ``length``)."""
+    P = length or max(map(len, rows))
+    ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), P), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, P - len(r):] = torch.tensor(r)
+            mask[i, P - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def response_mask_from(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on answer tokens up to and including the first EOS, 0 after ([B, A] -> [B, A], long).
+
+    Equals, per row, ``[1] * (first_eos + 1) + [0] * rest`` (or all ones without an EOS).
+    """
+    is_eos = (responses == eos_id).long()
+    after_first = (is_eos.cumsum(1) - is_eos) > 0
+    return (~after_first).long()
+
+
+def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded prompt starts at 0 (as ``generate`` does)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+_ACCEPTS_POSITIONS: dict[type, bool] = {}
+
+
+def accepts_position_ids(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = type(base)
+    if cls not in _ACCEPTS_POSITIONS:
+        _ACCEPTS_POSITIONS[cls] = "position_ids" in inspect.signature(base.forward).parameters
+    return _ACCEPTS_POSITIONS[cls]
+
+
+def unwrap(engine_or_module) -> torch.nn.Module:
+    return getattr(engine_or_module, "module", engine_or_module)
+
+
+class HybridEngine:
+    """Generation for step 3 from the actor's DeepSpeed engine."""
+
+    def __init__(self, actor_engine, tokenizer, gen: GenerationConfig, he: HybridEngineConfig, world_size: int = 1):
+        self.engine, self.tokenizer, self.gen, self.he = actor_engine, tokenizer, gen, he
+        self.zero3 = getattr(actor_engine, "zero_optimization_stage", lambda: 0)() == 3
+        self.synced = self.zero3 and world_size > 1  # every rank must keep stepping under ZeRO-3
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int | None = None,
+                 do_sample: bool | None = None) -> Rollout:
+        """Sample answers for left-padded prompts [B, P]; answers are padded to ``max_answer_len``."""
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        A = max_new_tokens or self.gen.max_answer_len
+        sample = self.gen.do_sample if do_sample is None else do_sample
+        model = unwrap(self.engine)
+        was_training = model.training
+        model.eval()
+        kwargs = dict(max_new_tokens=A, do_sample=sample, pad_token_id=self.tokenizer.pad_token_id,
+                      eos_token_id=self.tokenizer.eos_token_id, use_cache=True)
+        if sample:
+            kwargs.update(temperature=self.gen.temperature, top_k=self.gen.top_k or None, top_p=self.gen.top_p)
+        try:
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                 generation_config=HFGenerationConfig(**kwargs), synced_gpus=self.synced)
+        finally:
+            model.train(was_training)
+        return self._rollout(out, prompt_mask, A)
+
+    def _rollout(self, out: torch.Tensor, prompt_mask: torch.Tensor, A: int) -> Rollout:
+        P = prompt_mask.shape[1]
+        pad = self.tokenizer.pad_token_id
+        if out.shape[1] < P + A:  # generate stops when every row has finished
+            out = torch.cat([out, out.new_full((out.shape[0], P + A - out.shape[1]), pad)], 1)
+        responses = out[:, P:]
+        response_mask = response_mask_from(responses, self.tokenizer.eos_token_id)
+        sequences = torch.cat([out[:, :P], torch.where(response_mask.bool(), responses, pad)], 1)
+        return Rollout(sequences, torch.cat([prompt_mask, response_mask], 1), response_mask, P)

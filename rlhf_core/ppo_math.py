@@ -1,0 +1,178 @@
+"""PPO's maths for RLHF, importing only torch.
+
+Vocabulary (STYLE.md): ``logprobs``, ``old_logprobs``, ``ref_logprobs``, ``values``, ``advantages``,
+``returns``, ``response_mask``; shapes ``[B, A]`` are per answer token (A = answer length), ``[B]`` per
+sequence. ``response_mask`` is 1 on generated tokens up to and including the first EOS, 0 after: nothing
+after the end of an answer gets a reward, a value or a loss (the repetition fix DeepSpeed-Chat needed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean over positions where mask is 1 (all of them, or along ``dim``)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / std over masked positions; ``stats`` (mean, var) lets callers pass statistics reduced
+    over several ranks. Masked-out positions come back as 0."""
+    mean, var = stats if stats is not None else masked_mean_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def masked_mean_var(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return mean, var
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) for each position: logits [B, A, V], tokens [B, A] -> [B, A].
+
+    Equals ``log_softmax(logits)[b, a, tokens[b, a]]`` without materialising the log-softmax.
+    """
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def compute_approx_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi ([B, A] -> [B, A]).
+
+    With log r = ref_logprobs - logprobs (http://joschu.net/blog/kl-approx.html):
+    k1 = -log r (unbiased, can be negative); k2 = (log r)^2 / 2 (low variance, biased);
+    k3 = (r - 1) - log r (unbiased, always >= 0).
+    """
+    log_ratio = ref_logprobs.float() - logprobs.float()
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
+
+
+def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                    response_mask: torch.Tensor, kl_coef: float, estimator: KLEstimator = "k1",
+                    clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL-shaped per-token rewards (InstructGPT eq. 2): r_t = -beta * kl_t, plus the (clipped) reward-model
+    score on each answer's last token. Nothing after the end of an answer.
+
+    Args: scores [B]; logprobs, ref_logprobs, response_mask [B, A].
+    Returns: rewards [B, A], kl [B, A] (masked).
+    """
+    kl = compute_approx_kl(logprobs, ref_logprobs, estimator) * response_mask
+    rewards = -kl_coef * kl
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    last = last_index(response_mask)
+    rewards = rewards.scatter_add(1, last.unsqueeze(1), scores.to(rewards.dtype).unsqueeze(1))
+    return rewards * response_mask, kl
+
+
+def last_index(response_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row ([B, A] -> [B]); 0 for an empty row."""
+    A = response_mask.shape[1]
+    has = response_mask.sum(1) > 0
+    idx = A - 1 - response_mask.flip(1).to(torch.int64).argmax(1)
+    return torch.where(has, idx, torch.zeros_like(idx))
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over answer tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, where V and A beyond the
+    end of the answer are 0. Args: rewards, values, response_mask [B, A]. Returns: advantages, returns
+    [B, A] (returns = advantages + values), both 0 after the end.
+    """
+    values = values * response_mask
+    rewards = rewards * response_mask
+    A = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(A)):
+        m = response_mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = adv * m
+        next_adv = advantages[:, t]
+        next_value = values[:, t]
+    returns = (advantages + values) * response_mask
+    return advantages, returns
+
+
+def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        response_mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), token-mean over the answer.
+
+    Returns the loss and metrics: clipfrac (share of tokens where clipping bound) and approx_kl between
+    the new and old policy (k3).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = masked_mean(torch.maximum(unclipped, clipped), response_mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), response_mask)
+        approx_kl = masked_mean(torch.expm1(-log_ratio) + log_ratio, response_mask)
+    return policy_loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+
+
+def compute_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       response_mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, +-eps)."""
+    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2), response_mask)
+    with torch.no_grad():
+        clipfrac = masked_mean(((values - old_values).abs() > clip_range).float(), response_mask)
+    return loss, {"value_clipfrac": clipfrac}
+
+
+# ---------------------------------------------------------------------------------------- KL controllers
+
+
+@dataclass
+class KLController:
+    """The KL coefficient beta: fixed, or adapted towards a target KL (Ziegler et al. 2019, sec. 2.2):
+    beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)."""
+
+    value: float
+    adaptive: bool = False
+    target: float = 6.0
+    horizon: int = 10000
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if not self.adaptive:
+            return
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        if not math.isfinite(self.value):
+            raise FloatingPointError(f"KL coefficient became {self.value}")
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from rlhf_core import stages
+from rlhf_core.config import PipelineConfig
+from rlhf_core.export import run_export
+from rlhf_core.store import Manifest
+from tasks.common import cache_key_fn, cached, producer, store_for
+
+
+def _key_of(params) -> tuple[str, str]:
+    return stages.EXPORT, stages.export_key(params["cfg"], params["ppo"])
+
+
+@task(name="export-actors", cache_key_fn=cache_key_fn(_key_of), persist_result=True, retries=1)
+def export_actors(cfg: PipelineConfig, ppo: Manifest) -> Manifest:
+    """The final and EMA actors as plain HF models (LoRA merged, safetensors) with model cards.
+
+    Invalidated by: the PPO output's content and the export section (dtype).
+    """
+    store, key = store_for(cfg), stages.export_key(cfg, ppo)
+    existing = store.read_manifest(stages.EXPORT, key)
+    if existing is not None:
+        return cached(existing, store)
+    manifest = run_export(cfg, store, key, ppo, producer=producer())
+    for name in manifest.metrics["models"]:
+        get_run_logger().info("exported %s actor: %s", name, store.url_of(stages.EXPORT, key, name))
+    return manifest

@@ -1,0 +1,76 @@
+"""The whole tiny pipeline: the README's first command end to end, then the cache behaviour."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flows.params import RunParams
+from flows.pipeline import rlhf_pipeline
+from tests.conftest import PROJECT, snapshot
+
+pytestmark = pytest.mark.slow
+
+
+def _task_states(flow_state) -> dict[str, str]:
+    """Task name -> final state name of one flow run, read back through Prefect's API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """`rlhf run --profile tiny` as a user types it (with the store in a temporary folder)."""
+    root = tmp_path_factory.mktemp("pipeline-store")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--set", f"storage.root={root}"],
+                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return root, proc.stdout
+
+
+def test_first_command_completes_and_reports(first_run):
+    root, stdout = first_run
+    assert "Headline:" in stdout and "gold_reward: sft" in stdout and "report" in stdout
+    for stage in ("data", "sft", "reward", "ppo", "export", "evaluate"):
+        assert any((root / stage).glob("*/manifest.json")), stage
+    report = next((root / "evaluate").glob("*/report.md")).read_text()
+    assert "| final |" in report and "| ema |" in report  # the EMA actor is exported and evaluated
+    assert any((root / "export").glob("*/ema/model.safetensors"))
+
+
+def test_second_run_is_all_cache_hits_and_a_ppo_change_reruns_only_what_follows(first_run, prefect_harness):
+    root, _ = first_run
+    params = RunParams(profile="tiny", overrides={"storage.root": str(root)})
+    before = snapshot(root)
+    state = rlhf_pipeline(params, return_state=True)
+    assert state.is_completed()
+    states = _task_states(state)
+    assert set(states) == {"prepare-data", "train-sft", "train-reward", "train-ppo", "export-actors", "evaluate"}
+    assert set(states.values()) == {"Cached"}, states
+    assert snapshot(root) == before  # a cached run writes nothing
+
+    changed = RunParams(profile="tiny", overrides={"storage.root": str(root), "ppo.kl.coef": 0.3, "ppo.max_steps": 10})
+    states = _task_states(rlhf_pipeline(changed, return_state=True))
+    assert {k: v for k, v in states.items() if v == "Cached"}.keys() == {"prepare-data", "train-sft", "train-reward"}
+    assert {states[k] for k in ("train-ppo", "export-actors", "evaluate")} == {"Completed"}
+
+
+def test_sft_and_reward_ran_at_the_same_time(first_run):
+    """The pipeline submits both training stages at once: their workers' lifetimes overlap."""
+    import datetime
+    import json
+
+    root, _ = first_run
+    span = {}
+    for stage in ("sft", "reward"):
+        m = json.loads(next((root / stage).glob("*/manifest.json")).read_text())
+        span[stage] = (datetime.datetime.fromisoformat(m["producer"]["started_at"]),
+                       datetime.datetime.fromisoformat(m["created_at"]))
+    (s1, e1), (s2, e2) = span["sft"], span["reward"]
+    assert s1 < e2 and s2 < e1, span
