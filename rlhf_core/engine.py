@@ -114,7 +114,10 @@ def build_ds_config(ds: DeepSpeedConfig, opt: OptimizerConfig, micro_batch: int,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_optimization": zero,
-        "bf16": {"enabled": ds.precision == "bf16"},
+        # bf16 has no loss scale, yet DeepSpeed's default still checks every gradient partition for inf/NaN
+        # with its own kernels and a host sync each (about 100 ms of CPU per step on one GPU, measured);
+        # ``check_finite_grad_norm`` below does the same job with the one norm DeepSpeed computes anyway.
+        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale_window": 100, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -164,7 +167,8 @@ def initialize(model: torch.nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig
         raise EngineSetupError("the model has no trainable parameters (is everything frozen?)")
     optimizer = None
     if opt.impl == "torch":
-        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
+        # fused: one kernel per step over DeepSpeed's flat fp32 partition instead of ~10 elementwise passes
+        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=True)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -174,6 +178,24 @@ def initialize(model: torch.nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig
     )
     engine.checkpoint_engine = SafeCheckpointEngine()
     return engine
+
+
+class NonFiniteGradient(FloatingPointError):
+    """Training diverged: a gradient norm that is not finite. The stage stops before saving anything."""
+
+
+def check_finite_grad_norm(engine, what: str) -> None:
+    """Raise if the last step's global gradient norm was inf/NaN (bf16 runs skip DeepSpeed's own check).
+    One host sync per optimizer step; fp16 keeps DeepSpeed's loss-scaling overflow handling."""
+    if not engine.bfloat16_enabled():
+        return
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return
+    value = float(norm)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise NonFiniteGradient(f"{what}: gradient norm is {value}; training diverged (lower the learning rate, "
+                                "or use fp32/fp16 with loss scaling)")
 
 
 def trainable_parameters(params: Iterable[torch.nn.Parameter]) -> int:

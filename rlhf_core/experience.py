@@ -64,18 +64,46 @@ def model_kwargs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 
 
 def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                      temperature: float = 1.0) -> torch.Tensor:
+                      temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
     """Log-probs of the answer tokens under ``model`` ([B, T] -> [B, A]); logits are divided by the
-    sampling temperature so they describe the distribution the answers were drawn from."""
-    logits = model(**model_kwargs(model, sequences, attention_mask), use_cache=False).logits
-    logits = logits[:, prompt_len - 1:-1]
+    sampling temperature so they describe the distribution the answers were drawn from.
+
+    Only the answer positions' logits are computed (``logits_to_keep``), and ``chunk`` rows at a time when
+    given (scoring without gradients), so the [rows, A, vocab] logits stay small.
+    """
+    if chunk and sequences.shape[0] > chunk:
+        return torch.cat([sequence_logprobs(model, sequences[i:i + chunk], attention_mask[i:i + chunk], prompt_len,
+                                            temperature) for i in range(0, sequences.shape[0], chunk)])
+    A = sequences.shape[1] - prompt_len
+    kwargs = model_kwargs(model, sequences, attention_mask)
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = A + 1  # positions P-1 .. T-1; the last one predicts past the end
+    logits = model(**kwargs, use_cache=False).logits[:, -(A + 1):-1]
     if temperature != 1.0:
         logits = logits / temperature
     return logprobs_from_logits(logits, sequences[:, prompt_len:])
 
 
-def sequence_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+_ACCEPTS: dict[tuple[type, str], bool] = {}
+
+
+def _accepts(model, arg: str) -> bool:
+    import inspect
+
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    key = (type(base), arg)
+    if key not in _ACCEPTS:
+        _ACCEPTS[key] = arg in inspect.signature(base.forward).parameters
+    return _ACCEPTS[key]
+
+
+def sequence_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                    chunk: int | None = None) -> torch.Tensor:
     """Critic value of the state before each answer token ([B, T] -> [B, A])."""
+    if chunk and sequences.shape[0] > chunk:
+        return torch.cat([sequence_values(critic, sequences[i:i + chunk], attention_mask[i:i + chunk], prompt_len)
+                          for i in range(0, sequences.shape[0], chunk)])
     kwargs = model_kwargs(critic, sequences, attention_mask)
     values = critic(kwargs["input_ids"], kwargs["attention_mask"], kwargs.get("position_ids"))
     return values[:, prompt_len - 1:-1]
@@ -114,15 +142,16 @@ class RewardScorer:
         answers = [r[m.bool()].tolist() for r, m in zip(rollout.responses.cpu(), rollout.response_mask.cpu())]
         eos = self.atok.eos_token_id
         answers = [a[:-1] if a and a[-1] == eos else a for a in answers]
+        end = [self.rtok.eos_token_id] if self.rtok.eos_token_id is not None else []
         if self.same:
             prompt_rows = [row[mask.bool()].tolist() for row, mask in
                            zip(rollout.sequences[:, :rollout.prompt_len].cpu(), rollout.attention_mask[:, :rollout.prompt_len].cpu())]
-            return [p + a + [self.rtok.eos_token_id] for p, a in zip(prompt_rows, answers)]
+            return [p + a + end for p, a in zip(prompt_rows, answers)]
         texts = self.atok.batch_decode(answers, skip_special_tokens=True)
         rendered = [render_prompt(p, self.fmt, self.rtok) for p in prompts]
         p_ids = self.rtok(rendered, add_special_tokens=True)["input_ids"]
         a_ids = self.rtok(texts, add_special_tokens=False)["input_ids"]
-        return [p + a + [self.rtok.eos_token_id] for p, a in zip(p_ids, a_ids)]
+        return [p + a + end for p, a in zip(p_ids, a_ids)]
 
 
 def same_tokenizer(a, b) -> bool:

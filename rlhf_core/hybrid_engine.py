@@ -1,9 +1,11 @@
 """The hybrid engine: the actor switches between DeepSpeed training and generation.
 
-``HybridEngine.generate`` is the one interface step 3 uses for rollouts. This module holds the correct
-reference path (transformers ``generate`` on the training module, which under ZeRO-3 gathers each layer
-as it goes); the fast path (full bf16 weights gathered once, static KV cache, captured decode step) plugs
-in behind the same call.
+``HybridEngine.generate`` is the one interface step 3 uses for rollouts. With ``hybrid_engine.enabled``
+and a supported architecture (OPT, Llama) it takes the fast path (``rlhf_core.fast_decode``): the
+training module's weights are read once per rollout (gathered under ZeRO-3, LoRA merged, bf16 on GPUs)
+into a static-shape decoder with a KV cache and CUDA-graph decode steps, and released again before
+training resumes (``release_memory``). Otherwise, or with ``enabled: false``, it calls transformers
+``generate`` on the training module (under ZeRO-3 that gathers each layer for every token: correct, slow).
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "c
     return ids.to(device), mask.to(device)
 
 
-def response_mask_from(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+def response_mask_from(responses: torch.Tensor, eos_id: int | None) -> torch.Tensor:
     """1 on answer tokens up to and including the first EOS, 0 after ([B, A] -> [B, A], long).
 
-    Equals, per row, ``[1] * (first_eos + 1) + [0] * rest`` (or all ones without an EOS).
+    Equals, per row, ``[1] * (first_eos + 1) + [0] * rest`` (or all ones without an EOS, or when there is
+    no end token at all, as in throughput benchmarks).
     """
+    if eos_id is None:
+        return torch.ones_like(responses)
     is_eos = (responses == eos_id).long()
     after_first = (is_eos.cumsum(1) - is_eos) > 0
     return (~after_first).long()
@@ -72,21 +77,54 @@ def unwrap(engine_or_module) -> torch.nn.Module:
 
 
 class HybridEngine:
-    """Generation for step 3 from the actor's DeepSpeed engine."""
+    """Generation for step 3 from the actor's DeepSpeed engine (or any causal LM module)."""
 
     def __init__(self, actor_engine, tokenizer, gen: GenerationConfig, he: HybridEngineConfig, world_size: int = 1):
         self.engine, self.tokenizer, self.gen, self.he = actor_engine, tokenizer, gen, he
         self.zero3 = getattr(actor_engine, "zero_optimization_stage", lambda: 0)() == 3
         self.synced = self.zero3 and world_size > 1  # every rank must keep stepping under ZeRO-3
+        self.fast = self._fast_decoder() if he.enabled else None
+
+    def _fast_decoder(self):
+        from rlhf_core.fast_decode import FastDecoder, arch_of
+
+        model = unwrap(self.engine)
+        arch = arch_of(model.config)
+        if arch is None:
+            return None
+        # A DeepSpeed engine knows its device; under ZeRO-3 offload the parameters themselves may sit on the host.
+        device = getattr(self.engine, "device", None) or next(model.parameters()).device
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+            self.he.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        g = self.gen
+        return FastDecoder(arch, device, dtype, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
+                           do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                           cuda_graphs=self.he.cuda_graphs)
+
+    @property
+    def path(self) -> str:
+        return "fast" if self.fast is not None else "transformers"
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int | None = None,
                  do_sample: bool | None = None) -> Rollout:
         """Sample answers for left-padded prompts [B, P]; answers are padded to ``max_answer_len``."""
-        from transformers import GenerationConfig as HFGenerationConfig
-
         A = max_new_tokens or self.gen.max_answer_len
         sample = self.gen.do_sample if do_sample is None else do_sample
+        if self.fast is not None and sample == self.gen.do_sample and prompt_ids.shape[0] <= self.he.max_batch:
+            model = unwrap(self.engine)
+            self.fast.load(model)  # once per rollout: gathered, LoRA merged, cast
+            try:
+                answers = self.fast.generate(prompt_ids, prompt_mask, A)
+            finally:
+                if self.he.release_memory:
+                    self.fast.release()
+            return self._rollout(torch.cat([prompt_ids, answers.to(prompt_ids.device)], 1), prompt_mask, A)
+        return self._hf_generate(prompt_ids, prompt_mask, A, sample)
+
+    def _hf_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, A: int, sample: bool) -> Rollout:
+        from transformers import GenerationConfig as HFGenerationConfig
+
         model = unwrap(self.engine)
         was_training = model.training
         model.eval()

@@ -40,3 +40,32 @@ def test_batch_schedule_splits_global_batches_over_ranks():
     for a, b in zip(one, two):
         assert a[0] == b[0] + b[1]  # the same rows, split between the two ranks
     assert epoch_batches(10, 4, 1, 7, 1) != one  # a new order each epoch
+
+
+def test_non_finite_gradient_norm_stops_training():
+    from rlhf_core.engine import NonFiniteGradient, check_finite_grad_norm
+
+    class FakeEngine:
+        def __init__(self, norm, bf16=True):
+            self.norm, self.bf16 = norm, bf16
+
+        def bfloat16_enabled(self):
+            return self.bf16
+
+        def get_global_grad_norm(self):
+            return self.norm
+
+    check_finite_grad_norm(FakeEngine(3.5), "sft")
+    check_finite_grad_norm(FakeEngine(None), "sft")
+    check_finite_grad_norm(FakeEngine(float("nan"), bf16=False), "sft")  # fp16/fp32: DeepSpeed's own handling
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(NonFiniteGradient, match="ppo actor: gradient norm is"):
+            check_finite_grad_norm(FakeEngine(bad), "ppo actor")
+
+
+def test_bf16_skips_deepspeeds_per_partition_overflow_check_unless_asked():
+    cfg = build_ds_config(DeepSpeedConfig(precision="bf16"), OptimizerConfig(), 2, 1, 1)
+    assert cfg["bf16"] == {"enabled": True, "check_grad_overflow": False}
+    again = build_ds_config(DeepSpeedConfig(precision="bf16", extra={"bf16": {"check_grad_overflow": True}}),
+                            OptimizerConfig(), 2, 1, 1)
+    assert again["bf16"]["check_grad_overflow"] is True

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from rlhf_core.config import TrainStageConfig
+from rlhf_core.engine import check_finite_grad_norm
 from rlhf_core.metrics import MetricsLog, Progress
 from rlhf_core.trainers.common import StageContext, epoch_batches, load_checkpoint, maybe_inject_fault, save_checkpoint
 
@@ -91,6 +92,8 @@ def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> MetricsLog:
             loss, metrics = spec.step(schedule[mi][rank], float(window_units), epoch * usable + mi)
             engine.backward(loss)
             engine.step()
+            if (mi + 1) % accum == 0:
+                check_finite_grad_norm(engine, ctx.stage)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             if (mi + 1) % accum:

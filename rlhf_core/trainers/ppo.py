@@ -28,7 +28,7 @@ from rlhf_core.config import PipelineConfig
 from rlhf_core.data.prepare import load_split
 from rlhf_core.ema import EMA
 from rlhf_core.ptx import PtxSchedule, load_blocks
-from rlhf_core.engine import initialize
+from rlhf_core.engine import check_finite_grad_norm, initialize
 from rlhf_core.experience import (Experience, RewardScorer, sequence_logprobs, sequence_values, tokenize_prompts)
 from rlhf_core.hybrid_engine import HybridEngine, left_pad
 from rlhf_core.metrics import MetricsLog, Progress
@@ -137,13 +137,14 @@ def make_experience(m: Models, scorer: RewardScorer, rollout, prompts: list[str]
     temperature = ppo.generation.temperature if ppo.generation.do_sample else 1.0
     seq, att, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
     mask = rollout.response_mask.float()
+    chunk = ppo.train_micro_batch_size  # rows per scoring forward: bounds the [rows, A, vocab] logits
     with timer("score"), torch.no_grad():
         m.actor.eval()
-        old_logprobs = sequence_logprobs(m.actor, seq, att, P, temperature)
+        old_logprobs = sequence_logprobs(m.actor, seq, att, P, temperature, chunk)
         with on_device(m.ref, device, ppo.offload_reference) as ref:
-            ref_logprobs = sequence_logprobs(ref, seq, att, P, temperature)
+            ref_logprobs = sequence_logprobs(ref, seq, att, P, temperature, chunk)
         m.critic.eval()
-        values = sequence_values(m.critic, seq, att, P).float()
+        values = sequence_values(m.critic, seq, att, P, chunk).float()
         with on_device(m.reward, device, ppo.offload_reward):
             raw = scorer(prompts, rollout)
     scores = raw
@@ -189,28 +190,34 @@ def update(m: Models, exp: Experience, cfg: PipelineConfig, step: int, ptx: PtxS
             for start in range(0, n, micro):
                 batch = exp.select(order[start:start + micro])
                 m.actor.train()
-                logprobs = sequence_logprobs(m.actor, batch.sequences, batch.attention_mask, P, temperature)
-                policy_loss, pm = compute_policy_loss(logprobs, batch.old_logprobs, batch.advantages,
-                                                      batch.response_mask, ppo.clip_range)
-                ptx_loss = torch.zeros((), device=logprobs.device)
-                if ptx is not None:
-                    ids = ptx.batch(step * updates_per_step + count).to(logprobs.device)
-                    logits = m.actor(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-                    s, k = token_loss_sum(logits, ids)
-                    ptx_loss = s / k
-                actor_loss = policy_loss + cfg.mixture.ptx_coef * ptx_loss
-                m.actor.backward(actor_loss)
-                m.actor.step()
+                with timer("train/actor_forward_backward"):
+                    logprobs = sequence_logprobs(m.actor, batch.sequences, batch.attention_mask, P, temperature)
+                    policy_loss, pm = compute_policy_loss(logprobs, batch.old_logprobs, batch.advantages,
+                                                          batch.response_mask, ppo.clip_range)
+                    ptx_loss = torch.zeros((), device=logprobs.device)
+                    if ptx is not None:
+                        ids = ptx.batch(step * updates_per_step + count).to(logprobs.device)
+                        logits = m.actor(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+                        s, k = token_loss_sum(logits, ids)
+                        ptx_loss = s / k
+                    actor_loss = policy_loss + cfg.mixture.ptx_coef * ptx_loss
+                    m.actor.backward(actor_loss)
+                with timer("train/actor_step"):
+                    m.actor.step()
+                    check_finite_grad_norm(m.actor, "ppo actor")
                 if m.ema is not None:
                     with timer("ema"):
                         m.ema.update(m.actor.module)
 
                 m.critic.train()
-                values = sequence_values(m.critic, batch.sequences, batch.attention_mask, P).float()
-                value_loss, vm = compute_value_loss(values, batch.values, batch.returns, batch.response_mask,
-                                                    ppo.clip_range_value)
-                m.critic.backward(value_loss)
-                m.critic.step()
+                with timer("train/critic_forward_backward"):
+                    values = sequence_values(m.critic, batch.sequences, batch.attention_mask, P).float()
+                    value_loss, vm = compute_value_loss(values, batch.values, batch.returns, batch.response_mask,
+                                                        ppo.clip_range_value)
+                    m.critic.backward(value_loss)
+                with timer("train/critic_step"):
+                    m.critic.step()
+                    check_finite_grad_norm(m.critic, "ppo critic")
 
                 for k, v in {"ppo/policy_loss": policy_loss, "ppo/value_loss": value_loss, "ppo/ptx_loss": ptx_loss,
                              "ppo/clipfrac": pm["clipfrac"], "ppo/approx_kl": pm["approx_kl"],

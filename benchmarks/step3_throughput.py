@@ -1,0 +1,255 @@
+"""Step-3 (PPO) throughput on one GPU: transformers generate + DeepSpeed (DeepSpeed-Chat's code path when its
+hybrid engine is unavailable) against this project's hybrid engine, on the project's own PPO step.
+
+    python benchmarks/step3_throughput.py                         # batches 32 128 256, both modes
+    python benchmarks/step3_throughput.py --modes fast --batches 32 384
+
+Workload (as DeepSpeed-Chat's benchmark): random-init OPT-1.3B actor and OPT-350M critic/reward from their
+configs, prompt 256 + answer 256 tokens (generation runs the full 256: no EOS), one generation batch and
+one PPO epoch per step, actor and critic on DeepSpeed ZeRO-2 in bf16, training micro-batch 16 (or the
+batch), no LoRA, no EMA, no gradient checkpointing. Each (mode, batch) runs in its own process: 1 warm-up
+step, then the median of ``--steps``.
+
+Reported, per DeepSpeed-Chat's ``perf.py``: generation new tokens/s and its share of the memory-bandwidth
+roofline (weights + mean KV-cache bytes per decode step over the measured copy bandwidth); training
+TFLOP/s (Megatron formula, actor + critic) and its share of the measured bf16 matmul peak; effective
+step-3 TFLOP/s ((training + generation FLOPs) / end-to-end time); samples/s; peak memory. A greedy check
+compares the fast decoder's tokens with transformers generate on the GPU. Prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+OPT_1_3B = dict(model_type="opt", hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32,
+                vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=2048)
+OPT_350M = dict(model_type="opt", hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
+                vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=512, do_layer_norm_before=False)
+PROMPT, ANSWER = 256, 256
+
+
+def calculate_flops(factor: float, batch: int, seq: int, layers: int, hidden: int, vocab: int) -> float:
+    """DeepSpeed-Chat's perf.py (Megatron's formula)."""
+    return 24 * factor * batch * seq * layers * hidden**2 * (1 + seq / (6 * hidden) + vocab / (16 * layers * hidden))
+
+
+class StubTokenizer:
+    """What the PPO code asks of a tokenizer, for token-id-only benchmarks (no hub here)."""
+
+    pad_token_id, bos_token_id, chat_template = 1, 2, None
+    eos_token_id = None  # no end token: every answer runs the full length, as in DeepSpeed-Chat's benchmark
+
+    def get_vocab(self):
+        return {}
+
+
+def measure_device() -> dict:
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    dst = torch.empty_like(src)
+
+    def timed(fn, reps=10):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            ts.append(s.elapsed_time(e) / 1e3)
+        return statistics.median(ts)
+
+    peak = 2 * n**3 / timed(lambda: a @ b) / 1e12
+    bw = 2 * src.numel() * 2 / timed(lambda: dst.copy_(src)) / 1e12  # bytes read + written
+    return {"matmul_peak_tflops": peak, "copy_tb_s": bw, "device": torch.cuda.get_device_name()}
+
+
+def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
+    import torch
+
+    from rlhf_core.config import load_config
+    from rlhf_core.engine import init_distributed, initialize
+    from rlhf_core.experience import RewardScorer
+    from rlhf_core.hybrid_engine import HybridEngine
+    from rlhf_core.models import RewardModel, build_causal_lm, build_reward_model
+    from rlhf_core.config import ModelSpec
+    from rlhf_core.trainers.ppo import Models, Timer, make_experience, update
+
+    dist = init_distributed("cuda")
+    tok = StubTokenizer()
+
+    class SizeTok(StubTokenizer):
+        def __len__(self):
+            return 50272
+
+    cfg = load_config("single_gpu", {
+        "ppo.rollout_batch_size": batch, "ppo.train_micro_batch_size": min(micro, batch),
+        "ppo.generation.max_answer_len": ANSWER, "ppo.generation.do_sample": True,
+        "ppo.actor.lora.enabled": False, "ppo.actor.gradient_checkpointing": False,
+        "ppo.actor.deepspeed.zero_stage": 2, "ppo.critic.deepspeed.zero_stage": 2,
+        "ppo.actor.optimizer.warmup_steps": 0, "ppo.critic.optimizer.warmup_steps": 0,
+        "ema.enabled": False, "mixture.ptx_coef": 0.0, "hybrid_engine.enabled": mode != "baseline",
+        "hybrid_engine.release_memory": mode != "fast_keep"})
+    ppo = cfg.ppo
+    t_setup = time.perf_counter()
+    with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes on the host
+        actor = build_causal_lm(ModelSpec(architecture=OPT_1_3B, tokenizer="stub"), SizeTok(), dropout=0.0)
+        critic = build_reward_model(ModelSpec(architecture=OPT_350M, tokenizer="stub", init_seed=1), SizeTok(), dropout=0.0)
+        ref = build_causal_lm(ModelSpec(architecture=OPT_1_3B, tokenizer="stub"), SizeTok(), dtype=torch.bfloat16).eval()
+        reward = build_reward_model(ModelSpec(architecture=OPT_350M, tokenizer="stub", init_seed=1), SizeTok(),
+                                    dtype=torch.bfloat16).eval()
+    print(f"models built in {time.perf_counter() - t_setup:.1f}s", file=sys.stderr, flush=True)
+    updates = (steps + 1) * -(-batch // ppo.train_micro_batch_size)
+    actor_e = initialize(actor, ppo.actor.deepspeed, ppo.actor.optimizer, ppo.train_micro_batch_size, 1, 1, updates)
+    critic_e = initialize(critic, ppo.critic.deepspeed, ppo.critic.optimizer, ppo.train_micro_batch_size, 1, 1, updates)
+    print(f"engines ready at {time.perf_counter() - t_setup:.1f}s", file=sys.stderr, flush=True)
+    m = Models(actor_e, critic_e, ref.requires_grad_(False), reward.requires_grad_(False), None, tok, tok)
+    hybrid = HybridEngine(actor_e, tok, ppo.generation, cfg.hybrid_engine)
+    scorer = RewardScorer(reward, tok, tok, "human_assistant", PROMPT + ANSWER + 1, dist.device)
+    ids = torch.randint(3, 50272, (batch, PROMPT), device=dist.device)
+    mask = torch.ones_like(ids)
+    prompts = [""] * batch
+    rows = []
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(steps + 1):
+        timer = Timer(dist.device)
+        t0 = time.perf_counter()
+        with timer("generate"):
+            rollout = hybrid.generate(ids, mask)
+        exp, _ = make_experience(m, scorer, rollout, prompts, cfg, 0.1, (0.0, 1.0), timer)
+        t1 = time.perf_counter()
+        update(m, exp, cfg, step, None, timer)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        assert int(rollout.response_mask.sum()) == batch * ANSWER
+        if step:  # the first step warms up (graph capture, allocator, cuBLAS heuristics)
+            rows.append({"gen_exp": t1 - t0, "train": t2 - t1, "e2e": t2 - t0, **timer.times})
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return {"mode": mode, "batch": batch, "micro": ppo.train_micro_batch_size, "generation_path": hybrid.path,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **med}
+
+
+def greedy_check() -> dict:
+    """Fast decoder vs transformers generate, greedy, on the GPU: fp32 weights (TF32 off) must agree token
+    for token; bf16 agreement is reported (different kernels round differently, so near-ties may flip)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf_core.fast_decode import FastDecoder, arch_of
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out = {}
+    for name, arch in (("opt-1.3b-shape", OPT_1_3B), ("opt-350m-shape", OPT_350M)):
+        kw = dict(arch)
+        config = AutoConfig.for_model(kw.pop("model_type"), **kw, pad_token_id=1, eos_token_id=2, bos_token_id=2)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).cuda().eval()
+        with torch.no_grad():  # random init is nearly flat; sharpen it so greedy choices are not coin flips
+            model.lm_head.weight.mul_(20.0)
+        ids = torch.randint(3, 50272, (8, 64), device="cuda")
+        mask = torch.ones_like(ids)
+        mask[::2, :10] = 0  # left padding on half the rows
+        for dtype in (torch.float32, torch.bfloat16):
+            ref_model = model.to(dtype)
+            ref = ref_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
+                                     pad_token_id=1, eos_token_id=None)[:, 64:]
+            fd = FastDecoder(arch_of(model.config), torch.device("cuda"), dtype, 1, None, do_sample=False)
+            fd.load(ref_model)
+            got = fd.generate(ids, mask, 64)
+            out[f"{name} {str(dtype).removeprefix('torch.')}"] = {
+                "rows_equal": int((got == ref).all(1).sum()), "rows": got.shape[0],
+                "tokens_equal": float((got == ref).float().mean())}
+    return out
+
+
+def roofline_tokens_s(batch: int, copy_tb_s: float) -> float:
+    """New tokens/s if a decode step only streamed the bf16 weights and the mean KV cache once."""
+    weights = 1.3158e9 * 2
+    mean_ctx = PROMPT + ANSWER / 2
+    kv = 2 * OPT_1_3B["num_hidden_layers"] * batch * mean_ctx * OPT_1_3B["hidden_size"] * 2
+    return batch / ((weights + kv) / (copy_tb_s * 1e12))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", nargs="+", default=["baseline", "fast"], choices=["baseline", "fast", "fast_keep"],
+                    help="fast_keep: the fast path keeping its weights, cache and graphs between rollouts")
+    ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 256])
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--micro", type=int, default=16)
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    if args.one:
+        print("@@result " + json.dumps(run_one(**json.loads(args.one))), flush=True)
+        return
+
+    dev = measure_device()
+    rows = []
+    for mode in args.modes:
+        for batch in args.batches:
+            one = {"mode": mode, "batch": batch, "steps": args.steps, "micro": args.micro}
+            t0 = time.time()
+            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True, text=True)
+            found = [l for l in proc.stdout.splitlines() if l.startswith("@@result ")]
+            if proc.returncode or not found:
+                tail = (proc.stderr or proc.stdout)[-600:]
+                rows.append({**one, "error": "OOM" if "out of memory" in tail.lower() else tail})
+            else:
+                rows.append(json.loads(found[-1][len("@@result "):]))
+            print(f"{mode} {batch}: {time.time() - t0:.0f}s {rows[-1].get('e2e', rows[-1].get('error', ''))!s:.80}", flush=True)
+    check = {} if args.no_check else greedy_check()
+
+    L, h, V = OPT_1_3B["num_hidden_layers"], OPT_1_3B["hidden_size"], OPT_1_3B["vocab_size"]
+    cL, ch = OPT_350M["num_hidden_layers"], OPT_350M["hidden_size"]
+    seq = PROMPT + ANSWER
+    for r in rows:
+        if "error" in r:
+            continue
+        b = r["batch"]
+        train_flops = calculate_flops(3, b, seq, L, h, V) + calculate_flops(3, b, seq, cL, ch, V)
+        gen_flops = calculate_flops(1, b, seq, L, h, V)
+        r.update(gen_tokens_s=b * ANSWER / r["generate"], roofline_tokens_s=roofline_tokens_s(b, dev["copy_tb_s"]),
+                 train_tflops=train_flops / r["train"] / 1e12, effective_tflops=(train_flops + gen_flops) / r["e2e"] / 1e12,
+                 samples_s=b / r["e2e"])
+        r["roofline_share"] = r["gen_tokens_s"] / r["roofline_tokens_s"]
+        r["peak_share"] = r["train_tflops"] / dev["matmul_peak_tflops"]
+    with open(os.path.join(args.out, "step3_throughput.json"), "w") as f:
+        json.dump({**dev, "rows": rows, "greedy_check": check}, f, indent=2)
+
+    print(f"\nStep 3, OPT-1.3B actor + OPT-350M critic/reward, prompt {PROMPT} + answer {ANSWER}, {dev['device']}; "
+          f"measured bf16 matmul {dev['matmul_peak_tflops']:.0f} TFLOP/s, copy {dev['copy_tb_s']:.2f} TB/s")
+    print("| mode | batch | gen tok/s | % roofline | train TFLOP/s | % peak | effective TFLOP/s | samples/s | "
+          "generate s | score s | train s | peak GiB |")
+    print("|---" * 12 + "|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['mode']} | {r['batch']} | {r['error'][:60]!r} |")
+            continue
+        print(f"| {r['mode']} | {r['batch']} | {r['gen_tokens_s']:.0f} | {r['roofline_share']:.0%} | "
+              f"{r['train_tflops']:.0f} | {r['peak_share']:.0%} | {r['effective_tflops']:.0f} | {r['samples_s']:.1f} | "
+              f"{r['generate']:.2f} | {r.get('score', 0):.2f} | {r['train']:.2f} | {r['peak_gib']:.1f} |")
+    for k, v in check.items():
+        print(f"greedy vs transformers, {k}: {v['rows_equal']}/{v['rows']} rows identical, {v['tokens_equal']:.1%} tokens")
+
+
+if __name__ == "__main__":
+    main()
