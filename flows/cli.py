@@ -3,6 +3,8 @@
     rlhf run --profile tiny [--set ppo.kl.coef=0.05 ...]   run the pipeline (finished stages are cache hits)
     rlhf config --profile tiny [--set ...]                 print the validated config
     rlhf chat --model <store URL or path>                  chat with a trained actor
+    rlhf serve --profile tiny [--cron ... | --interval S]   serve deployments (flows/serve.py)
+    rlhf store ls|show KEY|gc --keep N                     the store's contents and lineage (flows/store_cli.py)
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from rlhf_core.existing import existing_reward
+
     params = _params(args)
     cfg = params.config()  # validate before Prefect or any stage starts
+    existing_reward(cfg)  # and a reward.existing that is not there
     if cfg.resources.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU runs
     _prefect_defaults()
@@ -86,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     chat.add_argument("--temperature", type=float, default=1.0)
     chat.set_defaults(fn=cmd_chat)
+    from flows import serve, store_cli
+
+    serve.add_parser(sub, with_profile, _params)
+    store_cli.add_parser(sub, with_profile, _params)
     return ap
 
 

@@ -5,31 +5,51 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 
 from flows.params import RunParams
+from rlhf_core import lineage, stages
 from rlhf_core.config import PipelineConfig
+from rlhf_core.existing import existing_reward
 from rlhf_core.store import Manifest
 from tasks.common import store_for
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate
 from tasks.export import export_actors
 from tasks.ppo import train_ppo
-from tasks.reward import train_reward
+from tasks.reward import train_reward, use_reward_model
 from tasks.sft import train_sft
 
 
 @flow(name="rlhf-pipeline", flow_run_name=lambda: _run_name())
 def rlhf_pipeline(params: RunParams = RunParams()) -> dict[str, Any]:
     """Run every stage of the profile; finished stages are cache hits."""
+    return run_pipeline(params, until=stages.EVALUATE)
+
+
+def run_pipeline(params: RunParams, until: str) -> dict[str, Any]:
+    """The stages ``until`` needs, in pipeline order (the body of the pipeline and of each stage flow)."""
     cfg = params.config()
-    data = prepare_data.submit(cfg)
-    sft = train_sft.submit(cfg, data)
-    reward = train_reward.submit(cfg, data)  # independent of the actor: runs beside SFT
-    ppo = train_ppo.submit(cfg, data, sft, reward)
-    exported = export_actors.submit(cfg, ppo)
-    report = evaluate.submit(cfg, data, sft, reward, exported)
-    return summarize(cfg, {"data": data.result(), "sft": sft.result(), "reward": reward.result(),
-                           "ppo": ppo.result(), "export": exported.result(), "evaluate": report.result()})
+    existing_reward(cfg)  # a reward model that is not there is refused before any work starts
+    need = stages.needed_for(until)
+    runs: dict[str, Any] = {}
+    runs["data"] = data = prepare_data.submit(cfg)
+    if stages.SFT in need:
+        runs["sft"] = train_sft.submit(cfg, data)
+    if stages.REWARD in need:  # independent of the actor: runs beside SFT
+        runs["reward"] = use_reward_model.submit(cfg) if cfg.reward.existing else train_reward.submit(cfg, data)
+    if stages.PPO in need:
+        runs["ppo"] = train_ppo.submit(cfg, data, runs["sft"], runs["reward"])
+    if stages.EXPORT in need:
+        runs["export"] = export_actors.submit(cfg, runs["ppo"])
+    if stages.EVALUATE in need:
+        runs["evaluate"] = evaluate.submit(cfg, data, runs["sft"], runs["reward"], runs["export"])
+    outputs = {name: future.result() for name, future in runs.items()}
+    create_markdown_artifact(
+        key="rlhf-run-summary", description=f"Outputs of this run ({params.run_name()})",
+        markdown=lineage.summary_markdown(f"RLHF run: {params.run_name()}", store_for(cfg), outputs,
+                                          {name: future.state.name for name, future in runs.items()}))
+    return summarize(cfg, outputs)
 
 
 def summarize(cfg: PipelineConfig, outputs: dict[str, Manifest]) -> dict[str, Any]:

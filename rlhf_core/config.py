@@ -8,6 +8,7 @@ validated again, so an override can never produce a config that a profile could 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,9 @@ PROFILES_DIR = Path(os.environ.get("RLHF_PROFILES_DIR", PROJECT_ROOT / "profiles
 
 class ConfigError(ValueError):
     """A profile or override is invalid; the message names the key and what is allowed."""
+
+
+_REWARD_KEY = re.compile(r"(reward/)?[0-9a-f]{20}")
 
 
 class Section(BaseModel):
@@ -251,7 +255,38 @@ class SFTConfig(TrainStageConfig):
 
 
 class RewardConfig(TrainStageConfig):
-    pass
+    existing: str | None = Field(
+        None,
+        description="Use this reward output instead of training one: a key of this store (`<key>` or "
+        "`reward/<key>`, as `rlhf store ls` shows it), or the URL of a reward output folder holding manifest.json "
+        "(file://... or s3://.../reward/<key>), which is copied into this store. Empty: train the reward model.",
+    )
+
+    @field_validator("existing", mode="before")
+    @classmethod
+    def _digits_are_a_key(cls, v: Any) -> Any:
+        # An override's value is parsed as YAML: a key of only digits arrives as an int (`reward/<key>` does not).
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("existing")
+    @classmethod
+    def _key_or_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if "://" in v:
+            scheme = v.split("://", 1)[0]
+            if scheme not in ("file", "s3", "memory"):
+                raise ValueError(f"reward.existing URL scheme {scheme!r} is not supported; use file:// or s3://")
+            return v.rstrip("/")
+        if v.startswith("/"):
+            return "file://" + v.rstrip("/")
+        if not _REWARD_KEY.fullmatch(v):
+            raise ValueError(
+                f"reward.existing {v!r} is neither a reward key of this store (20 hex characters, or reward/<key>) "
+                "nor a URL of a reward output folder (file:///..., s3://...)"
+            )
+        return v.removeprefix("reward/")
 
 
 class ActorCriticTrainConfig(Section):
@@ -369,7 +404,11 @@ class ResourcesConfig(Section):
     master_addr: str = "127.0.0.1"
     master_port: int | None = Field(None, ge=1024, le=65535, description="Default: a free port.")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads per process.")
-    gpu_slots: int = Field(0, ge=0, description="GPU slots a training stage holds in the global concurrency limit.")
+    gpu_slots: int = Field(
+        0, ge=0, le=1024, description="Slots a training stage holds in Prefect's global concurrency limit "
+        "'rlhf-gpu' (sized to the machine's GPUs by `rlhf serve --gpus N`), so that concurrent runs queue instead "
+        "of oversubscribing the GPUs; usually nnodes x nproc_per_node on a shared machine. 0: no gating.",
+    )
 
     @property
     def world_size(self) -> int:
@@ -383,6 +422,27 @@ class ResourcesConfig(Section):
             )
         if self.nnodes > 1 and self.launcher == "deepspeed" and not self.hostfile:
             raise ValueError("a multi-node deepspeed launch needs resources.hostfile")
+        return self
+
+
+class ScheduleConfig(Section):
+    """When `rlhf serve` starts the pipeline on its own; `--cron` / `--interval` on the command line win."""
+
+    cron: str | None = Field(None, description="Cron expression, e.g. '0 3 * * *' (03:00 every day).")
+    interval_seconds: float | None = Field(None, ge=60, description="Start a run every this many seconds.")
+    timezone: str = Field("UTC", description="Time zone of the cron expression (IANA name).")
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str | None) -> str | None:
+        if v is not None and len(v.split()) not in (5, 6):
+            raise ValueError(f"cron {v!r} must have 5 fields (minute hour day month weekday), e.g. '0 3 * * *'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ScheduleConfig":
+        if self.cron is not None and self.interval_seconds is not None:
+            raise ValueError("give schedule.cron or schedule.interval_seconds, not both")
         return self
 
 
@@ -403,6 +463,7 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":

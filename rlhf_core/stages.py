@@ -15,6 +15,20 @@ from rlhf_core.store import Manifest, hash_key
 
 DATA, SFT, REWARD, PPO, EXPORT, EVALUATE = "data", "sft", "reward", "ppo", "export", "evaluate"
 VERSIONS = {DATA: 1, SFT: 1, REWARD: 1, PPO: 1, EXPORT: 1, EVALUATE: 1}
+ORDER = [DATA, SFT, REWARD, PPO, EXPORT, EVALUATE]
+# What each stage is made from (the pipeline's graph; the stage flows run a stage and what it needs).
+INPUTS = {DATA: [], SFT: [DATA], REWARD: [DATA], PPO: [DATA, SFT, REWARD], EXPORT: [PPO],
+          EVALUATE: [DATA, SFT, REWARD, EXPORT]}
+
+
+def needed_for(stage: str) -> set[str]:
+    """``stage`` and every stage it is made from, transitively (``needed_for('ppo')`` has no export)."""
+    if stage not in INPUTS:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(ORDER)}")
+    out = {stage}
+    for up in INPUTS[stage]:
+        out |= needed_for(up)
+    return out
 
 
 def _model(spec: ModelSpec) -> dict[str, Any]:
@@ -53,7 +67,7 @@ def sft_config(cfg: PipelineConfig) -> dict[str, Any]:
 
 def reward_config(cfg: PipelineConfig) -> dict[str, Any]:
     # Not the actor: every actor run with the same reward settings shares one reward model.
-    return {"reward_model": _model(cfg.models.reward), "reward": cfg.reward.model_dump(mode="json"),
+    return {"reward_model": _model(cfg.models.reward), "reward": cfg.reward.model_dump(mode="json", exclude={"existing"}),
             "prompt_format": cfg.data.prompt_format, "world_size": cfg.resources.world_size}
 
 

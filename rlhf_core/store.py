@@ -363,6 +363,37 @@ class OutputWriter:
                 out.append(self.put_file(full, posixpath.join(rel, sub) if rel else sub))
         return out
 
+    def copy_in(self, source: "Store", rel: str, expect: FileEntry) -> FileEntry:
+        """Copy ``rel`` from another store's folder (any fsspec URL), streaming, and check it against
+        ``expect`` (size and SHA-256) so that a copy is never taken for the original unless it is one."""
+        h, size = hashlib.sha256(), 0
+        dest = self.store.output_path(self.stage, self.key, rel)
+        if self.store.scheme == "file":
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with source.fs.open(source.path(rel), "rb") as fin, self.store.fs.open(dest, "wb") as fout:
+            while chunk := fin.read(_HASH_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+                fout.write(chunk)
+        if size != expect.size or h.hexdigest() != expect.sha256:
+            raise ValueError(
+                f"{source.url}/{rel} does not match its manifest (size {size} vs {expect.size}, sha256 "
+                f"{h.hexdigest()[:12]} vs {expect.sha256[:12]}): the source output was changed after it was written"
+            )
+        self.files[rel] = expect
+        return expect
+
+    def commit_copy(self, manifest: Manifest, producer: dict[str, Any]) -> Manifest:
+        """Write the manifest of an output copied from elsewhere: the original's, with ``producer``
+        merged in; its files must be exactly the ones copied."""
+        if manifest.stage != self.stage or manifest.key != self.key or content_id(list(self.files.values())) != manifest.content_id:
+            raise ValueError(f"the files copied into {self.url} are not those of {manifest.stage}/{manifest.key}")
+        copy = manifest.model_copy(update={"producer": {**manifest.producer, **producer}})
+        path = self.store.output_path(self.stage, self.key, MANIFEST)
+        self.store.write_bytes_atomic(path, copy.model_dump_json(indent=2).encode())
+        self.committed = True
+        return copy
+
     def commit(
         self,
         *,

@@ -1,23 +1,31 @@
-"""What every stage task shares: the store, the Prefect cache key, and the store-first cache check.
+"""What every stage task shares: the store, the Prefect cache key, the store-first cache check, the stage
+lease and the GPU slots.
 
 The store is the source of truth. A task first looks for ``<stage>/<key>/manifest.json``; if it is there
 the stage is done (even if Prefect's database was wiped) and the task finishes as ``Cached`` without
 writing anything. Prefect's own cache sits on top: its key includes the output's content id, so it can
 only ever hit for an output that still exists in the store, unchanged.
+
+Otherwise the task takes the stage's lease in the store (rlhf_core/lease.py), so that of several runs
+needing the same output one produces it and the others wait and then find it; a training stage then
+takes slots of the Prefect global concurrency limit ``rlhf-gpu``, so that concurrent runs queue for GPUs.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from prefect import get_run_logger
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import Completed, State
 
-from rlhf_core.config import PipelineConfig
+from rlhf_core.config import ConfigError, PipelineConfig
+from rlhf_core.lease import StageLease
 from rlhf_core.store import Manifest, Store
 
 KeyOf = Callable[[dict[str, Any]], tuple[str, str]]  # task parameters -> (stage, key)
+GPU_LIMIT = "rlhf-gpu"  # Prefect global concurrency limit that training stages take GPU slots from
 
 
 def store_for(cfg: PipelineConfig) -> Store:
@@ -52,6 +60,97 @@ def producer() -> dict[str, Any]:
     if task_ctx and task_ctx.task_run:
         out.update(task_run_id=str(task_ctx.task_run.id))
     return out
+
+
+def run_once(cfg: PipelineConfig, stage: str, key: str, upstream: dict[str, Manifest],
+             run: Callable[[], Manifest], gpu_slots: int = 0) -> Manifest | State:
+    """Produce ``<stage>/<key>`` with ``run()`` unless the store has it or another run produces it.
+
+    Under the stage's lease, look for the manifest again (a run that waited for the holder finds it and is
+    Cached), else hold ``gpu_slots`` slots of ``rlhf-gpu`` and run. A run that takes over from a killed
+    holder resumes from the holder's checkpoints. Slots are taken inside the lease, never the other way
+    round: a run waiting for a lease holds no GPU (and two runs cannot deadlock on lease and slots).
+    """
+    store = store_for(cfg)
+    existing = store.read_manifest(stage, key)
+    if existing is not None:  # the common case needs no lease
+        return cached(existing, store)
+    logger = _logger()
+    lease = StageLease(store, stage, key, ttl=cfg.storage.lease_seconds, holder=producer(),
+                       upstream={s: m.key for s, m in upstream.items()}, log=logger.info)
+    with lease:
+        existing = store.read_manifest(stage, key)
+        if existing is not None:
+            return cached(existing, store)
+        with gpu_slots_held(cfg, gpu_slots):
+            manifest = run()
+    if lease.lost.is_set():
+        logger.warning("the lease on %s was lost while it ran (another run may have produced it too)", stage)
+    return manifest
+
+
+@contextmanager
+def gpu_slots_held(cfg: PipelineConfig, occupy: int) -> Iterator[None]:
+    """Hold ``occupy`` slots of the ``rlhf-gpu`` global concurrency limit (nothing when 0), creating the
+    limit, sized to this machine's GPUs, if nobody has (Prefect does not gate on a missing limit)."""
+    if occupy <= 0:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    limit = ensure_gpu_limit(None, at_least=occupy)
+    if limit < occupy:
+        raise ConfigError(
+            f"resources.gpu_slots is {occupy} but the Prefect concurrency limit {GPU_LIMIT!r} has {limit} slots, "
+            f"so this stage could never start: raise the limit (`rlhf serve --gpus {occupy}` or "
+            f"`prefect gcl update {GPU_LIMIT} --limit {occupy}`) or lower resources.gpu_slots"
+        )
+    _logger().info("taking %d slot(s) of %s (waits while other stages hold them)", occupy, GPU_LIMIT)
+    # Prefect's server takes slot leases of 60 s to 1 day; its own heartbeat renews them.
+    with concurrency(GPU_LIMIT, occupy=occupy, strict=True, lease_duration=min(max(cfg.storage.lease_seconds, 60), 86400)):
+        yield
+
+
+def ensure_gpu_limit(size: int | None, at_least: int = 1) -> int:
+    """Make the ``rlhf-gpu`` limit exist; returns its size. ``size``: set it to this many slots. None:
+    leave an existing limit as it is; create a missing one with one slot per GPU of this machine (at least
+    ``at_least``, so that a stage asking for slots on a machine without GPUs can run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        if size is not None:
+            client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, size)
+            return size
+        try:
+            return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
+        except ObjectNotFound:
+            pass
+        slots = max(_gpu_count(), at_least)
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
+            _logger().info("created the concurrency limit %s with %d slots", GPU_LIMIT, slots)
+        except ObjectAlreadyExists:  # another run created it meanwhile
+            pass
+        return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
+
+
+def _logger():
+    import logging
+
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("rlhf")
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 class StageFailed(RuntimeError):

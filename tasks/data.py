@@ -6,7 +6,7 @@ from rlhf_core import stages
 from rlhf_core.config import PipelineConfig
 from rlhf_core.data.prepare import run_data_stage
 from rlhf_core.store import Manifest
-from tasks.common import cache_key_fn, cached, producer, store_for
+from tasks.common import cache_key_fn, producer, run_once, store_for
 
 
 def _key_of(params) -> tuple[str, str]:
@@ -19,12 +19,13 @@ def prepare_data(cfg: PipelineConfig) -> Manifest:
 
     Invalidated by: the data section (sources, weights, split, seeds, limits), the bytes of every source
     file and of the pretraining corpus, and the actor tokenizer (it measures prompt lengths). Not by file
-    locations, the storage root or anything downstream.
+    locations, the storage root or anything downstream. Runs once across concurrent runs (stage lease).
     """
     store, key = store_for(cfg), stages.data_key(cfg)
-    existing = store.read_manifest(stages.DATA, key)
-    if existing is not None:
-        return cached(existing, store)
-    manifest = run_data_stage(cfg, store, key=key, producer=producer())
-    get_run_logger().info("data: %s rows -> %s", manifest.metrics["rows"], store.url_of(stages.DATA, key))
-    return manifest
+
+    def run() -> Manifest:
+        manifest = run_data_stage(cfg, store, key=key, producer=producer())
+        get_run_logger().info("data: %s rows -> %s", manifest.metrics["rows"], store.url_of(stages.DATA, key))
+        return manifest
+
+    return run_once(cfg, stages.DATA, key, {}, run)

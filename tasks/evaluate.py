@@ -6,7 +6,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from rlhf_core import stages
 from rlhf_core.config import PipelineConfig
 from rlhf_core.store import Manifest, Store
-from tasks.common import cache_key_fn, cached, run_stage, store_for
+from tasks.common import cache_key_fn, run_once, run_stage, store_for
 
 
 def _key_of(params) -> tuple[str, str]:
@@ -19,17 +19,17 @@ def evaluate(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifes
     """Sample the SFT, final and EMA actors on held-out prompts; report reward, win rate, gold reward, KL
     to SFT and pretraining perplexity as Prefect artifacts and in the store.
 
-    Invalidated by: the data, SFT, reward and export outputs' contents and the eval section.
+    Invalidated by: the data, SFT, reward and export outputs' contents and the eval section. Runs once
+    across concurrent runs (stage lease); samples on one process, holding one slot of rlhf-gpu when
+    resources.gpu_slots > 0.
     """
     store, key = store_for(cfg), stages.evaluate_key(cfg, data, sft, reward, export)
-    existing = store.read_manifest(stages.EVALUATE, key)
-    if existing is not None:
-        publish(store, existing)
-        return cached(existing, store)
     upstream = {stages.DATA: data, stages.SFT: sft, stages.REWARD: reward, stages.EXPORT: export}
-    manifest = run_stage(cfg.model_copy(update={"resources": _single_process(cfg)}), stages.EVALUATE, key, upstream)
-    publish(store, manifest)
-    return manifest
+    one = cfg.model_copy(update={"resources": _single_process(cfg)})
+    result = run_once(cfg, stages.EVALUATE, key, upstream, lambda: run_stage(one, stages.EVALUATE, key, upstream),
+                      gpu_slots=min(cfg.resources.gpu_slots, 1))
+    publish(store, store.read_manifest(stages.EVALUATE, key))
+    return result
 
 
 def _single_process(cfg: PipelineConfig):

@@ -6,7 +6,7 @@ from rlhf_core import stages
 from rlhf_core.config import PipelineConfig
 from rlhf_core.export import run_export
 from rlhf_core.store import Manifest
-from tasks.common import cache_key_fn, cached, producer, store_for
+from tasks.common import cache_key_fn, producer, run_once, store_for
 
 
 def _key_of(params) -> tuple[str, str]:
@@ -17,13 +17,15 @@ def _key_of(params) -> tuple[str, str]:
 def export_actors(cfg: PipelineConfig, ppo: Manifest) -> Manifest:
     """The final and EMA actors as plain HF models (LoRA merged, safetensors) with model cards.
 
-    Invalidated by: the PPO output's content and the export section (dtype).
+    Invalidated by: the PPO output's content and the export section (dtype). Runs once across concurrent
+    runs (stage lease).
     """
     store, key = store_for(cfg), stages.export_key(cfg, ppo)
-    existing = store.read_manifest(stages.EXPORT, key)
-    if existing is not None:
-        return cached(existing, store)
-    manifest = run_export(cfg, store, key, ppo, producer=producer())
-    for name in manifest.metrics["models"]:
-        get_run_logger().info("exported %s actor: %s", name, store.url_of(stages.EXPORT, key, name))
-    return manifest
+
+    def run() -> Manifest:
+        manifest = run_export(cfg, store, key, ppo, producer=producer())
+        for name in manifest.metrics["models"]:
+            get_run_logger().info("exported %s actor: %s", name, store.url_of(stages.EXPORT, key, name))
+        return manifest
+
+    return run_once(cfg, stages.EXPORT, key, {stages.PPO: ppo}, run)

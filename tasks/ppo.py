@@ -5,7 +5,7 @@ from prefect import task
 from rlhf_core import stages
 from rlhf_core.config import PipelineConfig
 from rlhf_core.store import Manifest
-from tasks.common import cache_key_fn, cached, run_stage, store_for
+from tasks.common import cache_key_fn, run_once, run_stage
 
 
 def _key_of(params) -> tuple[str, str]:
@@ -19,10 +19,10 @@ def train_ppo(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manife
 
     Invalidated by: the data, SFT and reward outputs' contents, the ppo, ema, mixture and hybrid_engine
     sections, the corpus block size, the prompt format, the number of processes. A retry resumes from the
-    latest checkpoint (actor, critic, optimizers, EMA, KL controller, RNG, data positions).
+    latest checkpoint (actor, critic, optimizers, EMA, KL controller, RNG, data positions). Runs once across
+    concurrent runs (stage lease); holds resources.gpu_slots slots of rlhf-gpu while training.
     """
-    store, key = store_for(cfg), stages.ppo_key(cfg, data, sft, reward)
-    existing = store.read_manifest(stages.PPO, key)
-    if existing is not None:
-        return cached(existing, store)
-    return run_stage(cfg, stages.PPO, key, {stages.DATA: data, stages.SFT: sft, stages.REWARD: reward})
+    key = stages.ppo_key(cfg, data, sft, reward)
+    upstream = {stages.DATA: data, stages.SFT: sft, stages.REWARD: reward}
+    return run_once(cfg, stages.PPO, key, upstream, lambda: run_stage(cfg, stages.PPO, key, upstream),
+                    gpu_slots=cfg.resources.gpu_slots)

@@ -5,7 +5,7 @@ from prefect import task
 from rlhf_core import stages
 from rlhf_core.config import PipelineConfig
 from rlhf_core.store import Manifest
-from tasks.common import cache_key_fn, cached, run_stage, store_for
+from tasks.common import cache_key_fn, run_once, run_stage
 
 
 def _key_of(params) -> tuple[str, str]:
@@ -18,9 +18,8 @@ def train_sft(cfg: PipelineConfig, data: Manifest) -> Manifest:
 
     Invalidated by: the data output's content, models.actor (including the tokenizer's content), the sft
     section, the prompt format and the number of processes. A retry resumes from the latest checkpoint.
+    Runs once across concurrent runs (stage lease); holds resources.gpu_slots slots of rlhf-gpu while training.
     """
-    store, key = store_for(cfg), stages.sft_key(cfg, data)
-    existing = store.read_manifest(stages.SFT, key)
-    if existing is not None:
-        return cached(existing, store)
-    return run_stage(cfg, stages.SFT, key, {stages.DATA: data})
+    key, upstream = stages.sft_key(cfg, data), {stages.DATA: data}
+    return run_once(cfg, stages.SFT, key, upstream, lambda: run_stage(cfg, stages.SFT, key, upstream),
+                    gpu_slots=cfg.resources.gpu_slots)

@@ -91,3 +91,32 @@ def evaluate_actor(cfg: PipelineConfig, tiny: dict, actor_path: str | None):
                      cfg, torch.device("cpu"), blocks)
     n = len(s.gold)
     return {"gold": sum(s.gold) / n, "kl": sum(s.kl) / n, "ppl": s.ptx_perplexity, "score": sum(s.scores) / n}
+
+
+def task_states(flow_run_id, attempt: int = 1) -> dict[str, str]:
+    """Task name -> state name of the task runs of one attempt of a flow run (a retried flow run makes new
+    task runs, numbered by ``flow_run_run_count``), read through Prefect's API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.flow_run_run_count == attempt}
+
+
+def task_runs(flow_run_id) -> dict[str, object]:
+    """Task name -> task run (first attempt) of a flow run, with its start and end times."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r for r in runs if r.flow_run_run_count == 1}
+
+
+def flow_run_artifacts(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))

@@ -72,17 +72,23 @@ FAULT_ENV = "RLHF_FAULT_KILL_AT_STEP"
 def maybe_inject_fault(stage: str, step: int) -> None:
     """Fault-injection seam for the resume tests: ``RLHF_FAULT_KILL_AT_STEP=sft:27`` makes the worker
     SIGKILL itself right after optimizer step 27 of the sft stage (no cleanup, no flush: a real crash).
-    ``sft:27:/path/marker`` kills only once: the marker file records that it happened."""
+    ``sft:27:/path/marker`` kills only once: the marker file records that it happened.
+    ``sft:27:/path/marker:3`` kills the first 3 attempts (to outlast a task's retries): the marker counts them."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    target_stage, target_step, *marker = spec.split(":", 2)
+    target_stage, target_step, *rest = spec.split(":", 2)
     if target_stage != stage or int(target_step) != step:
         return
-    if marker:
-        if os.path.exists(marker[0]):
+    if rest:
+        marker, sep, times = rest[0].rpartition(":")
+        if not sep or not times.isdigit():
+            marker, times = rest[0], "1"
+        done = int(open(marker).read() or 0) if os.path.exists(marker) else 0
+        if done >= int(times):
             return
-        open(marker[0], "w").close()
+        with open(marker, "w") as f:
+            f.write(str(done + 1))
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
