@@ -138,6 +138,28 @@ def load_checkpoint(ctx: StageContext, engines: dict[str, Any]) -> dict[str, Any
     return state
 
 
+# -------------------------------------------------------------------------------------------- reductions
+
+
+def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
+    """Sum named scalars over all ranks (one small all-reduce; identity for a single process)."""
+    if not values or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def put_logs(out, log, tmp: str, title: str) -> None:
+    """The stage's metric history as ``logs/`` (metrics.jsonl, TensorBoard events, curves.png) of its output."""
+    folder = os.path.join(tmp, "logs")
+    for path in log.export(folder, title):
+        out.put_file(path, "logs/" + os.path.relpath(path, folder))
+
+
 # ------------------------------------------------------------------------------------------------ weights
 
 

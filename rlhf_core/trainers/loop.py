@@ -22,7 +22,8 @@ import torch
 from rlhf_core.config import TrainStageConfig
 from rlhf_core.engine import check_finite_grad_norm
 from rlhf_core.metrics import MetricsLog, Progress
-from rlhf_core.trainers.common import StageContext, epoch_batches, load_checkpoint, maybe_inject_fault, save_checkpoint
+from rlhf_core.trainers.common import (StageContext, all_reduce_sum, epoch_batches, load_checkpoint,
+                                       maybe_inject_fault, save_checkpoint)
 
 # (row indices, window units, global micro-batch index) -> (loss to backprop, per-micro metric sums)
 StepFn = Callable[[list[int], float, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -49,18 +50,6 @@ def plan_steps(cfg: TrainStageConfig, n_rows: int, world: int) -> tuple[int, int
         )
     total = per_epoch * cfg.epochs
     return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
-
-
-def _reduce(values: dict[str, float]) -> dict[str, float]:
-    """Sum metric sums over ranks (one small all-reduce per optimizer step)."""
-    if not values or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t)
-    return {k: float(v) for k, v in zip(keys, t.tolist())}
 
 
 def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> MetricsLog:
@@ -99,7 +88,7 @@ def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> MetricsLog:
             if (mi + 1) % accum:
                 continue
             step += 1
-            reduced = _reduce(sums)
+            reduced = all_reduce_sum(sums)
             sums = {}
             elapsed = time.perf_counter() - t_step
             t_step = time.perf_counter()

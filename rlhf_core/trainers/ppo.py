@@ -37,8 +37,9 @@ from rlhf_core.models import (apply_lora, enable_gradient_checkpointing, load_ca
 from rlhf_core.ppo_math import (KLController, compute_gae, compute_policy_loss, compute_rewards, compute_value_loss,
                                 masked_mean, masked_whiten)
 from rlhf_core.store import Manifest
-from rlhf_core.trainers.common import (StageContext, epoch_batches, gather_state_dict, load_checkpoint,
-                                       load_into_skeleton, maybe_inject_fault, save_checkpoint)
+from rlhf_core.trainers.common import (StageContext, all_reduce_sum, epoch_batches, gather_state_dict,
+                                       load_checkpoint, load_into_skeleton, maybe_inject_fault, put_logs,
+                                       save_checkpoint)
 from rlhf_core.trainers.sft import _card, token_loss_sum
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -243,17 +244,6 @@ def check_lengths(cfg: PipelineConfig, prompt_ids: list[list[int]], max_position
                          "or ppo.generation.max_answer_len")
 
 
-def _reduce_mean(metrics: dict[str, float], world: int) -> dict[str, float]:
-    if world == 1 or not metrics:
-        return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t)
-    return {k: v / world for k, v in zip(keys, t.tolist())}
-
-
 def plan(cfg: PipelineConfig, n_prompts: int, world: int) -> tuple[int, int]:
     """(PPO steps per epoch, total PPO steps)."""
     ppo = cfg.ppo
@@ -349,7 +339,7 @@ def train_ppo(ctx: StageContext) -> Manifest | None:
         }
         if golds:
             row["gold/reward"] = sum(golds) / len(golds)
-        row = {k: v for k, v in _reduce_mean(row, dist.world_size).items() if not math.isnan(v)}
+        row = {k: v / dist.world_size for k, v in all_reduce_sum(row).items() if not math.isnan(v)}
         kl_ctl.update(row["kl/mean"], rows_per_step * dist.world_size)  # 6 metrics, KL controller
         step, pos = step + 1, pos + 1
         if step % ppo.log_every == 0 or step == total:
@@ -411,8 +401,7 @@ def _export(ctx: StageContext, m: Models, log: MetricsLog, train_s: float) -> Ma
         for name in ("actor", "actor_ema", "critic"):
             if os.path.isdir(os.path.join(tmp, name)):
                 out.put_dir(os.path.join(tmp, name), name)
-        for path in log.export(os.path.join(tmp, "logs"), f"PPO {ctx.key[:8]}"):
-            out.put_file(path, "logs/" + os.path.relpath(path, os.path.join(tmp, "logs")))
+        put_logs(out, log, tmp, f"PPO {ctx.key[:8]}")
         manifest = out.commit(stage_version=stages.VERSIONS[stages.PPO], config=stages.ppo_config(cfg),
                               upstream=ctx.upstream, metrics=metrics, producer=ctx.producer)
     log.close()

@@ -18,7 +18,7 @@ from rlhf_core.engine import initialize
 from rlhf_core.models import (apply_lora, build_reward_model, enable_gradient_checkpointing, load_tokenizer, merge_lora,
                               save_reward_model, sequence_scores)
 from rlhf_core.store import Manifest
-from rlhf_core.trainers.common import StageContext, gather_state_dict, load_into_skeleton
+from rlhf_core.trainers.common import StageContext, all_reduce_sum, gather_state_dict, load_into_skeleton, put_logs
 from rlhf_core.trainers.loop import LoopSpec, plan_steps, run_loop
 from rlhf_core.trainers.sft import _card
 
@@ -86,16 +86,11 @@ def evaluate_reward(engine, pairs: list[Pair], pad_id: int, micro: int, rank: in
     return metrics, torch.cat(all_scores) if all_scores else torch.zeros(0, dtype=torch.float64)
 
 
-def _score_stats(local_scores: torch.Tensor, world: int) -> tuple[float, float]:
+def _score_stats(local_scores: torch.Tensor) -> tuple[float, float]:
     """Mean and std of scores over all ranks."""
-    t = torch.tensor([local_scores.sum().item(), (local_scores**2).sum().item(), float(local_scores.numel())],
-                     dtype=torch.float64)
-    if torch.distributed.is_initialized() and world > 1:
-        if torch.distributed.get_backend() == "nccl":
-            t = t.cuda()
-        torch.distributed.all_reduce(t)
-        t = t.cpu()
-    s, ss, n = t.tolist()
+    sums = all_reduce_sum({"s": local_scores.sum().item(), "ss": (local_scores**2).sum().item(),
+                           "n": float(local_scores.numel())})
+    s, ss, n = sums["s"], sums["ss"], sums["n"]
     mean = s / max(n, 1)
     return mean, max(ss / max(n, 1) - mean * mean, 0.0) ** 0.5
 
@@ -128,7 +123,7 @@ def train_reward(ctx: StageContext) -> Manifest | None:
     train_s = time.perf_counter() - t0
 
     _, scores = evaluate_reward(engine, evals, pad, rw.micro_batch_size, dist.rank, dist.world_size, dist.device)
-    mean, std = _score_stats(scores, dist.world_size)
+    mean, std = _score_stats(scores)
     state = gather_state_dict(engine)
     if not ctx.is_main:
         return None
@@ -148,8 +143,7 @@ def train_reward(ctx: StageContext) -> Manifest | None:
         with open(os.path.join(tmp, "model", "README.md"), "w") as f:
             f.write(_card("Reward model", cfg.models.reward.name_or_path or "architecture", metrics))
         out.put_dir(os.path.join(tmp, "model"), "model")
-        for path in log.export(os.path.join(tmp, "logs"), f"Reward model {ctx.key[:8]}"):
-            out.put_file(path, "logs/" + os.path.relpath(path, os.path.join(tmp, "logs")))
+        put_logs(out, log, tmp, f"Reward model {ctx.key[:8]}")
         manifest = out.commit(stage_version=stages.VERSIONS[stages.REWARD], config=stages.reward_config(cfg),
                               upstream=ctx.upstream, metrics=metrics, producer=ctx.producer)
     log.close()

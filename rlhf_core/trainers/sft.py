@@ -17,7 +17,7 @@ from rlhf_core.data.prepare import load_split
 from rlhf_core.engine import initialize
 from rlhf_core.models import apply_lora, build_causal_lm, enable_gradient_checkpointing, load_tokenizer, save_causal_lm
 from rlhf_core.store import Manifest
-from rlhf_core.trainers.common import StageContext, gather_state_dict, load_into_skeleton
+from rlhf_core.trainers.common import StageContext, gather_state_dict, load_into_skeleton, put_logs
 from rlhf_core.trainers.loop import LoopSpec, plan_steps, run_loop
 
 IGNORE = -100
@@ -170,8 +170,7 @@ def train_sft(ctx: StageContext) -> Manifest | None:
         save_causal_lm(skeleton, tokenizer, os.path.join(tmp, "model"), dtype=export_dtype,
                        card=_card("SFT actor", cfg.models.actor.name_or_path or "architecture", metrics))
         out.put_dir(os.path.join(tmp, "model"), "model")
-        for path in log.export(os.path.join(tmp, "logs"), f"SFT {ctx.key[:8]}"):
-            out.put_file(path, "logs/" + os.path.relpath(path, os.path.join(tmp, "logs")))
+        put_logs(out, log, tmp, f"SFT {ctx.key[:8]}")
         manifest = out.commit(stage_version=stages.VERSIONS[stages.SFT], config=stages.sft_config(cfg),
                               upstream=ctx.upstream, metrics=metrics, producer=ctx.producer)
     log.close()
