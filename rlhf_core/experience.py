@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_core.data.formats import PromptFormat, render_prompt
-from rlhf_core.hybrid_engine import Rollout, accepts_position_ids, left_pad, position_ids_from, unwrap
+from rlhf_core.hybrid_engine import Rollout, accepts, left_pad, position_ids_from
 from rlhf_core.ppo_math import logprobs_from_logits
 
 
@@ -58,7 +58,7 @@ def _pad_prompt(x: torch.Tensor, extra: int, name: str) -> torch.Tensor:
 
 def model_kwargs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if accepts_position_ids(unwrap(model)):
+    if accepts(model, "position_ids"):
         kwargs["position_ids"] = position_ids_from(attention_mask)
     return kwargs
 
@@ -76,26 +76,12 @@ def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tens
                                             temperature) for i in range(0, sequences.shape[0], chunk)])
     A = sequences.shape[1] - prompt_len
     kwargs = model_kwargs(model, sequences, attention_mask)
-    if _accepts(model, "logits_to_keep"):
+    if accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = A + 1  # positions P-1 .. T-1; the last one predicts past the end
     logits = model(**kwargs, use_cache=False).logits[:, -(A + 1):-1]
     if temperature != 1.0:
         logits = logits / temperature
     return logprobs_from_logits(logits, sequences[:, prompt_len:])
-
-
-_ACCEPTS: dict[tuple[type, str], bool] = {}
-
-
-def _accepts(model, arg: str) -> bool:
-    import inspect
-
-    base = unwrap(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    key = (type(base), arg)
-    if key not in _ACCEPTS:
-        _ACCEPTS[key] = arg in inspect.signature(base.forward).parameters
-    return _ACCEPTS[key]
 
 
 def sequence_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,

@@ -61,15 +61,17 @@ def position_ids_from(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-_ACCEPTS_POSITIONS: dict[type, bool] = {}
+_ACCEPTS: dict[tuple[type, str], bool] = {}
 
 
-def accepts_position_ids(model: torch.nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cls = type(base)
-    if cls not in _ACCEPTS_POSITIONS:
-        _ACCEPTS_POSITIONS[cls] = "position_ids" in inspect.signature(base.forward).parameters
-    return _ACCEPTS_POSITIONS[cls]
+def accepts(model, arg: str) -> bool:
+    """Whether the (unwrapped, LoRA-unwrapped) model's forward takes ``arg`` (cached per class)."""
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    key = (type(base), arg)
+    if key not in _ACCEPTS:
+        _ACCEPTS[key] = arg in inspect.signature(base.forward).parameters
+    return _ACCEPTS[key]
 
 
 def unwrap(engine_or_module) -> torch.nn.Module:

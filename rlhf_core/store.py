@@ -236,20 +236,8 @@ class Store:
             return local
         m = self.read_manifest(stage, key)
         tag = m.content_id[:16] if m else "partial"
-        cache_root = Path(cache_dir or os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf"))
-        target = cache_root / stage / key / tag / rel
-        done = target.with_name(target.name + ".done")
-        if not done.exists():
-            if target.is_dir():
-                shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            remote = self.output_path(stage, key, rel)
-            if self.fs.isdir(remote):
-                self.fs.get(remote.rstrip("/") + "/", str(target), recursive=True)
-            else:
-                self.fs.get_file(remote, str(target))
-            done.touch()
-        return str(target)
+        target = _cache_root(cache_dir) / stage / key / tag / rel
+        return _download_once(self.fs, self.output_path(stage, key, rel), target)
 
     # ------------------------------------------------------------ checkpoints
     def checkpoint_path(self, stage: str, key: str, step: int) -> str:
@@ -442,18 +430,27 @@ def local_copy(url: str, cache_dir: str | None = None) -> str:
     if scheme == "file":
         return rest
     store = Store(url)
-    cache_root = Path(cache_dir or os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf"))
-    target = cache_root / "urls" / hashlib.sha256(url.encode()).hexdigest()[:24]
+    target = _cache_root(cache_dir) / "urls" / hashlib.sha256(url.encode()).hexdigest()[:24]
+    return _download_once(store.fs, store.root, target)
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+    return Path(cache_dir or os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf"))
+
+
+def _download_once(fs, remote: str, target: Path) -> str:
+    """Copy a remote file or folder to ``target`` unless an earlier copy finished (its ``.done`` marker);
+    a copy that was interrupted is removed and made again."""
     done = target.with_name(target.name + ".done")
     if not done.exists():
-        if target.exists():
+        if target.is_dir():
             shutil.rmtree(target)
-        if not store.fs.exists(store.root):
-            raise FileNotFoundError(f"{url} does not exist")
+        if not fs.exists(remote):
+            raise FileNotFoundError(f"{fs.unstrip_protocol(remote)} does not exist")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if store.fs.isdir(store.root):
-            store.fs.get(store.root + "/", str(target), recursive=True)
+        if fs.isdir(remote):
+            fs.get(remote.rstrip("/") + "/", str(target), recursive=True)
         else:
-            store.fs.get_file(store.root, str(target))
+            fs.get_file(remote, str(target))
         done.touch()
     return str(target)

@@ -14,8 +14,8 @@ from rlhf_core.config import PipelineConfig
 from rlhf_core.data.prepare import run_data_stage
 from rlhf_core.launch import Job, command, write_job
 from rlhf_core.store import Manifest, Store
+from tasks.common import _DIST_ENV
 
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 KEYS = {
     stages.SFT: lambda cfg, up: stages.sft_key(cfg, up[stages.DATA]),
     stages.REWARD: lambda cfg, up: stages.reward_key(cfg, up[stages.DATA]),
