@@ -15,6 +15,7 @@ Output files (Arrow IPC stream, the format ``datasets`` memory-maps)::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import random
@@ -64,13 +65,23 @@ def data_stage_key(cfg: PipelineConfig) -> str:
 
 
 def file_fingerprint(url: str) -> str:
+    """SHA-256 of a file's bytes. A run computes stage keys several times (Prefect's cache key, the task,
+    every downstream key), so the hash is memoised on fsspec's ``ukey`` (size and mtime locally, the ETag
+    on S3): a file is read again only when it changed."""
+    fs, path = fsspec.core.url_to_fs(url)
     try:
-        with fsspec.open(url, "rb") as f:
-            h = hashlib.sha256()
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
+        ukey = fs.ukey(path)
     except FileNotFoundError:
         raise DataError(f"{url}: file not found") from None
+    return _content_hash(url, ukey)
+
+
+@functools.lru_cache(maxsize=1024)
+def _content_hash(url: str, ukey: str) -> str:
+    h = hashlib.sha256()
+    with fsspec.open(url, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -91,12 +102,14 @@ def tokenizer_fingerprint(ref: str, revision: str | None) -> str:
         h = hashlib.sha256()
         for path in sorted(fs.find(root)):
             h.update(path[len(root):].encode())
-            h.update(fs.cat_file(path))
+            h.update(file_fingerprint(fs.unstrip_protocol(path)).encode())
         return h.hexdigest()
     return f"{ref}@{revision or _hub_revision(ref, kind='model')}"
 
 
+@functools.lru_cache(maxsize=256)
 def _hub_revision(name: str, kind: str = "dataset") -> str:
+    """The hub's current commit of a dataset or model (one request per name and process)."""
     try:
         import huggingface_hub
 
