@@ -53,7 +53,7 @@ def run_one(zero: int, micro: int, seq: int, steps: int, warmup: int, grad_ckpt:
     import torch
 
     from rlhf_core.config import DeepSpeedConfig, ModelSpec, OptimizerConfig
-    from rlhf_core.engine import init_distributed, initialize
+    from rlhf_core.engine import build_ds_config, init_distributed, initialize
     from rlhf_core.models import build_causal_lm, enable_gradient_checkpointing
     from rlhf_core.trainers.sft import token_loss_sum
 
@@ -69,8 +69,9 @@ def run_one(zero: int, micro: int, seq: int, steps: int, warmup: int, grad_ckpt:
     if grad_ckpt:
         enable_gradient_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
-    engine = initialize(model, DeepSpeedConfig(zero_stage=zero, precision="bf16"), OptimizerConfig(lr=1e-5),
-                        micro, 1, dist.world_size, total_steps=steps + warmup)
+    opt = OptimizerConfig(lr=1e-5)
+    ds = build_ds_config(DeepSpeedConfig(zero_stage=zero, precision="bf16"), opt, micro, 1, dist.world_size)
+    engine = initialize(model, ds, opt, total_steps=steps + warmup)
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(3, OPT_1_3B["vocab_size"], (micro, seq), device=dist.device)
     mask = torch.ones_like(ids)

@@ -84,7 +84,7 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
     import torch
 
     from rlhf_core.config import load_config
-    from rlhf_core.engine import init_distributed, initialize
+    from rlhf_core.engine import build_ds_config, init_distributed, initialize
     from rlhf_core.experience import RewardScorer
     from rlhf_core.hybrid_engine import HybridEngine
     from rlhf_core.models import RewardModel, build_causal_lm, build_reward_model
@@ -116,8 +116,11 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
                                     dtype=torch.bfloat16).eval()
     print(f"models built in {time.perf_counter() - t_setup:.1f}s", file=sys.stderr, flush=True)
     updates = (steps + 1) * -(-batch // ppo.train_micro_batch_size)
-    actor_e = initialize(actor, ppo.actor.deepspeed, ppo.actor.optimizer, ppo.train_micro_batch_size, 1, 1, updates)
-    critic_e = initialize(critic, ppo.critic.deepspeed, ppo.critic.optimizer, ppo.train_micro_batch_size, 1, 1, updates)
+    micro = ppo.train_micro_batch_size
+    actor_e = initialize(actor, build_ds_config(ppo.actor.deepspeed, ppo.actor.optimizer, micro, 1, 1),
+                         ppo.actor.optimizer, updates)
+    critic_e = initialize(critic, build_ds_config(ppo.critic.deepspeed, ppo.critic.optimizer, micro, 1, 1),
+                          ppo.critic.optimizer, updates)
     print(f"engines ready at {time.perf_counter() - t_setup:.1f}s", file=sys.stderr, flush=True)
     m = Models(actor_e, critic_e, ref.requires_grad_(False), reward.requires_grad_(False), None, tok, tok)
     hybrid = HybridEngine(actor_e, tok, ppo.generation, cfg.hybrid_engine)

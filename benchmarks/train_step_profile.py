@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.step3_throughput import OPT_1_3B, OPT_350M, StubTokenizer  # noqa: E402
 from rlhf_core.config import DeepSpeedConfig, ModelSpec, OptimizerConfig  # noqa: E402
-from rlhf_core.engine import init_distributed, initialize  # noqa: E402
+from rlhf_core.engine import build_ds_config, init_distributed, initialize  # noqa: E402
 from rlhf_core.models import build_causal_lm, build_reward_model  # noqa: E402
 
 
@@ -62,8 +62,9 @@ def main() -> None:
                            "critic": ("critic 350M", OPT_350M, build_reward_model)}[args.model]
     with torch.device("cuda"):
         model = builder(ModelSpec(architecture=arch, tokenizer="stub"), SizeTok(), dropout=0.0)
-    eng = initialize(model, DeepSpeedConfig(zero_stage=args.zero, precision="bf16", gradient_clipping=args.clip),
-                     OptimizerConfig(lr=1e-6), 16, 1, 1, 100)
+    opt = OptimizerConfig(lr=1e-6)
+    ds = build_ds_config(DeepSpeedConfig(zero_stage=args.zero, precision="bf16", gradient_clipping=args.clip), opt, 16, 1, 1)
+    eng = initialize(model, ds, opt, 100)
 
     def fwd_bwd():
         out = eng(input_ids=ids, attention_mask=mask) if builder is build_causal_lm else eng(ids, mask)

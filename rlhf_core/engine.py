@@ -154,14 +154,16 @@ def build_scheduler(opt_cfg: OptimizerConfig, total_steps: int):
     return make
 
 
-def initialize(model: torch.nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig, micro_batch: int,
-               grad_accum: int, world_size: int, total_steps: int):
-    """``deepspeed.initialize`` with this project's optimizer, schedule and checkpoint format."""
+def initialize(model: torch.nn.Module, config: dict[str, Any], opt: OptimizerConfig, total_steps: int):
+    """``deepspeed.initialize`` with this project's optimizer, schedule and checkpoint format.
+
+    ``config`` comes from ``build_ds_config``; build the model with the same config (``models.*(...,
+    partition_with=config)``) so that under ZeRO-3 it is partitioned as it loads.
+    """
     import deepspeed
 
     from rlhf_core.checkpoint import SafeCheckpointEngine
 
-    config = build_ds_config(ds, opt, micro_batch, grad_accum, world_size)
     groups = param_groups(model, opt.weight_decay)
     if not groups:
         raise EngineSetupError("the model has no trainable parameters (is everything frozen?)")
@@ -178,6 +180,25 @@ def initialize(model: torch.nn.Module, ds: DeepSpeedConfig, opt: OptimizerConfig
     )
     engine.checkpoint_engine = SafeCheckpointEngine()
     return engine
+
+
+def frozen_config(precision: str, offload: bool, micro_batch: int, world_size: int) -> dict[str, Any]:
+    """A ZeRO-3 config for a frozen model (reference, reward) beside a ZeRO-3 trainee: no optimizer, the
+    weights partitioned across ranks and gathered layer by layer in the forward (DeepSpeed-Chat's eval config);
+    ``offload`` keeps the partitions in host memory."""
+    return build_ds_config(DeepSpeedConfig(zero_stage=3, precision=precision, offload_params=offload),
+                           OptimizerConfig(), micro_batch, 1, world_size)
+
+
+def frozen_engine(model: torch.nn.Module, config: dict[str, Any]) -> torch.nn.Module:
+    """Wrap a frozen model in a DeepSpeed ZeRO-3 engine without an optimizer; returns the module, whose
+    forward gathers its weights through the engine's hooks. Every rank must run the same forwards."""
+    import deepspeed
+
+    model.requires_grad_(False).eval()
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine.module
 
 
 class NonFiniteGradient(FloatingPointError):

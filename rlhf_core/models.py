@@ -113,8 +113,28 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _partitioned(ds_config: dict[str, Any] | None) -> Iterator[None]:
+    """Pretrained weights loaded inside are partitioned across the ranks as they load when ``ds_config`` is a
+    ZeRO-3 DeepSpeed config (DeepSpeed's ``zero.Init`` through transformers' ``HfDeepSpeedConfig``; rank 0
+    reads the files), so no rank ever holds a whole copy in host or device memory. Otherwise nothing."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep
+
+
 def _fit_vocab(model, tokenizer) -> None:
-    vocab = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    vocab = getattr(weight, "ds_shape", weight.shape)[0]  # under ZeRO-3 construction the local shape is (0,)
     if len(tokenizer) > vocab:
         model.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8)))
 
@@ -123,8 +143,13 @@ def _fit_vocab(model, tokenizer) -> None:
 
 
 def build_causal_lm(spec: ModelSpec, tokenizer, dropout: float | None = None, dtype: torch.dtype = torch.float32,
-                    role: str = "actor"):
-    """The actor / reference: from a hub name, local path or store URL, or random-init from architecture."""
+                    role: str = "actor", partition_with: dict[str, Any] | None = None):
+    """The actor / reference: from a hub name, local path or store URL, or random-init from architecture.
+
+    partition_with: the DeepSpeed config of the engine the model goes into; under ZeRO-3 pretrained weights
+    are partitioned as they load. A random-init architecture is always built whole: zero.Init draws other
+    random values, and the same seed must give the same model at every ZeRO stage.
+    """
     from transformers import AutoModelForCausalLM
 
     config = build_config(spec, tokenizer, dropout, role)
@@ -133,24 +158,28 @@ def build_causal_lm(spec: ModelSpec, tokenizer, dropout: float | None = None, dt
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                local_copy(spec.name_or_path), config=config, dtype=dtype, revision=spec.revision,
-                trust_remote_code=spec.trust_remote_code)
+            with _partitioned(partition_with):
+                model = AutoModelForCausalLM.from_pretrained(
+                    local_copy(spec.name_or_path), config=config, dtype=dtype, revision=spec.revision,
+                    trust_remote_code=spec.trust_remote_code)
         except Exception as e:
             raise ModelLoadError(f"models.{role}: cannot load {spec.name_or_path!r} ({type(e).__name__}: {e})") from None
-    _fit_vocab(model, tokenizer)
+    with _partitioned(partition_with if spec.architecture is None else None):
+        _fit_vocab(model, tokenizer)
     return model
 
 
-def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, dropout: float | None = None, what: str = "model"):
-    """A causal LM saved by this project (or any HF folder)."""
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, dropout: float | None = None, what: str = "model",
+                   partition_with: dict[str, Any] | None = None):
+    """A causal LM saved by this project (or any HF folder); ``partition_with`` as in ``build_causal_lm``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     local = local_copy(path)
     try:
         config = AutoConfig.from_pretrained(local)
         _set_dropout(config, dropout)
-        return AutoModelForCausalLM.from_pretrained(local, config=config, dtype=dtype)
+        with _partitioned(partition_with):
+            return AutoModelForCausalLM.from_pretrained(local, config=config, dtype=dtype)
     except Exception as e:
         raise ModelLoadError(f"cannot load {what} from {path} ({type(e).__name__}: {e})") from None
 
@@ -211,8 +240,18 @@ def sequence_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return values.gather(1, idx.unsqueeze(1)).squeeze(1)
 
 
+def _cast_head(model: RewardModel, dtype: torch.dtype) -> RewardModel:
+    """The value head (and score statistics) in ``dtype``; the backbone was loaded in it already, and a
+    ZeRO-3-partitioned backbone must not be cast by ``Module.to``."""
+    model.v_head.to(dtype)
+    model.score_mean.data = model.score_mean.data.to(dtype)
+    model.score_std.data = model.score_std.data.to(dtype)
+    return model
+
+
 def build_reward_model(spec: ModelSpec, tokenizer, dropout: float | None = None, dtype: torch.dtype = torch.float32,
-                       role: str = "reward") -> RewardModel:
+                       role: str = "reward", partition_with: dict[str, Any] | None = None) -> RewardModel:
+    """A reward model with a fresh value head; ``partition_with`` as in ``build_causal_lm``."""
     from transformers import AutoModel
 
     config = build_config(spec, tokenizer, dropout, role)
@@ -222,14 +261,16 @@ def build_reward_model(spec: ModelSpec, tokenizer, dropout: float | None = None,
             model = RewardModel(backbone)
     else:
         try:
-            backbone = AutoModel.from_pretrained(local_copy(spec.name_or_path), config=config, dtype=dtype,
-                                                 revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+            with _partitioned(partition_with):
+                backbone = AutoModel.from_pretrained(local_copy(spec.name_or_path), config=config, dtype=dtype,
+                                                     revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         except Exception as e:
             raise ModelLoadError(f"models.{role}: cannot load {spec.name_or_path!r} ({type(e).__name__}: {e})") from None
         with _seeded(spec.init_seed):
             model = RewardModel(backbone)
-    _fit_vocab(backbone, tokenizer)
-    return model.to(dtype)
+    with _partitioned(partition_with if spec.architecture is None else None):
+        _fit_vocab(backbone, tokenizer)
+    return _cast_head(model, dtype)
 
 
 def save_reward_model(model: RewardModel, tokenizer, path: str, meta: dict[str, Any]) -> None:
@@ -244,8 +285,10 @@ def save_reward_model(model: RewardModel, tokenizer, path: str, meta: dict[str, 
         json.dump(meta, f, indent=2, sort_keys=True)
 
 
-def load_reward_model(path: str, dtype: torch.dtype = torch.float32, dropout: float | None = None) -> RewardModel:
-    """A reward model (or a critic initialised from one) saved by ``save_reward_model``."""
+def load_reward_model(path: str, dtype: torch.dtype = torch.float32, dropout: float | None = None,
+                      partition_with: dict[str, Any] | None = None) -> RewardModel:
+    """A reward model (or a critic initialised from one) saved by ``save_reward_model``; ``partition_with``
+    as in ``build_causal_lm`` (the small value head is never partitioned before the engine takes it)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel
 
@@ -255,7 +298,8 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32, dropout: fl
     try:
         config = AutoConfig.from_pretrained(local)
         _set_dropout(config, dropout)
-        backbone = AutoModel.from_pretrained(local, config=config, dtype=dtype)
+        with _partitioned(partition_with):
+            backbone = AutoModel.from_pretrained(local, config=config, dtype=dtype)
     except Exception as e:
         raise ModelLoadError(f"cannot load the reward model backbone from {path} ({type(e).__name__}: {e})") from None
     model = RewardModel(backbone)
@@ -263,7 +307,7 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32, dropout: fl
     meta = reward_meta(local)
     model.score_mean.fill_(meta.get("score_mean", 0.0))
     model.score_std.fill_(meta.get("score_std", 1.0))
-    return model.to(dtype)
+    return _cast_head(model, dtype)
 
 
 def reward_meta(path: str) -> dict[str, Any]:

@@ -19,16 +19,16 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from rlhf_core import stages
-from rlhf_core.config import PipelineConfig
+from rlhf_core.config import DeepSpeedConfig, PipelineConfig
 from rlhf_core.data.prepare import load_split
 from rlhf_core.ema import EMA
 from rlhf_core.ptx import PtxSchedule, load_blocks
-from rlhf_core.engine import check_finite_grad_norm, initialize
+from rlhf_core.engine import build_ds_config, check_finite_grad_norm, frozen_config, frozen_engine, initialize
 from rlhf_core.experience import (Experience, RewardScorer, sequence_logprobs, sequence_values, tokenize_prompts)
 from rlhf_core.hybrid_engine import HybridEngine, left_pad
 from rlhf_core.metrics import MetricsLog, Progress
@@ -57,6 +57,8 @@ class Models:
     ema: EMA | None
     actor_tok: Any
     reward_tok: Any
+    ref_offloaded: bool = False  # moved whole to the accelerator per phase (not when ZeRO-3 partitions it)
+    reward_offloaded: bool = False
 
 
 def _path(ctx: StageContext, stage: str) -> str:
@@ -71,28 +73,47 @@ def build_models(ctx: StageContext, total_updates: int) -> Models:
     reward_tok = load_saved_tokenizer(reward_path, padding_side="right")
     micro = ppo.train_micro_batch_size
 
-    actor = apply_lora(load_causal_lm(sft_path, dropout=ppo.actor.dropout, what="the SFT actor"), ppo.actor.lora)
+    # Under ZeRO-3 every model is partitioned across the ranks as it loads, so no rank holds a whole copy.
+    actor_ds = build_ds_config(ppo.actor.deepspeed, ppo.actor.optimizer, micro, 1, dist.world_size)
+    actor = apply_lora(load_causal_lm(sft_path, dropout=ppo.actor.dropout, what="the SFT actor",
+                                      partition_with=actor_ds), ppo.actor.lora)
     if ppo.actor.gradient_checkpointing:
         enable_gradient_checkpointing(actor)
-    actor_engine = initialize(actor, ppo.actor.deepspeed, ppo.actor.optimizer, micro, 1, dist.world_size, total_updates)
+    actor_engine = initialize(actor, actor_ds, ppo.actor.optimizer, total_updates)
 
-    critic = apply_lora(load_reward_model(reward_path, dropout=ppo.critic.dropout), ppo.critic.lora)
+    critic_ds = build_ds_config(ppo.critic.deepspeed, ppo.critic.optimizer, micro, 1, dist.world_size)
+    critic = apply_lora(load_reward_model(reward_path, dropout=ppo.critic.dropout, partition_with=critic_ds),
+                        ppo.critic.lora)
     if ppo.critic.gradient_checkpointing:
         enable_gradient_checkpointing(critic)
-    critic_engine = initialize(critic, ppo.critic.deepspeed, ppo.critic.optimizer, micro, 1, dist.world_size,
-                               total_updates)
+    critic_engine = initialize(critic, critic_ds, ppo.critic.optimizer, total_updates)
 
-    frozen_dtype = _DTYPES[ppo.actor.deepspeed.precision]
-    ref = load_causal_lm(sft_path, dtype=frozen_dtype, dropout=0.0, what="the reference (SFT) model")
-    reward = load_reward_model(reward_path, dtype=_DTYPES[ppo.critic.deepspeed.precision], dropout=0.0)
-    for frozen, offload in ((ref, ppo.offload_reference), (reward, ppo.offload_reward)):
-        frozen.requires_grad_(False).eval()
-        frozen.to("cpu" if offload else dist.device)
+    ref, ref_offloaded = _frozen(
+        lambda dtype, ds: load_causal_lm(sft_path, dtype=dtype, dropout=0.0, what="the reference (SFT) model",
+                                         partition_with=ds),
+        ppo.actor.deepspeed, ppo.offload_reference, micro, dist)
+    reward, reward_offloaded = _frozen(
+        lambda dtype, ds: load_reward_model(reward_path, dtype=dtype, dropout=0.0, partition_with=ds),
+        ppo.critic.deepspeed, ppo.offload_reward, micro, dist)
     ema = None
     if cfg.ema.enabled:
         ema = EMA(actor_engine.module, cfg.ema.beta, actor_engine.zero_optimization_stage() == 3, ctx.is_main,
                   on_cpu=cfg.ema.on_cpu)
-    return Models(actor_engine, critic_engine, ref, reward, ema, actor_tok, reward_tok)
+    return Models(actor_engine, critic_engine, ref, reward, ema, actor_tok, reward_tok, ref_offloaded, reward_offloaded)
+
+
+def _frozen(load: Callable[[torch.dtype, dict | None], torch.nn.Module], trainee: DeepSpeedConfig, offload: bool,
+            micro: int, dist) -> tuple[torch.nn.Module, bool]:
+    """A frozen model (reference, reward) set up like its trainee (actor, critic): beside a ZeRO-3 trainee a
+    ZeRO-3 inference engine, partitioned as it loads (``offload`` keeps the partitions in host memory); else a
+    whole copy on the accelerator, or in host memory between phases when ``offload``. Returns the model and
+    whether ``on_device`` must move it."""
+    dtype = _DTYPES[trainee.precision]
+    if trainee.zero_stage == 3:
+        ds = frozen_config(trainee.precision, offload, micro, dist.world_size)
+        return frozen_engine(load(dtype, ds), ds), False
+    model = load(dtype, None).requires_grad_(False).eval()
+    return model.to("cpu" if offload else dist.device), offload
 
 
 @contextmanager
@@ -142,11 +163,11 @@ def make_experience(m: Models, scorer: RewardScorer, rollout, prompts: list[str]
     with timer("score"), torch.no_grad():
         m.actor.eval()
         old_logprobs = sequence_logprobs(m.actor, seq, att, P, temperature, chunk)
-        with on_device(m.ref, device, ppo.offload_reference) as ref:
+        with on_device(m.ref, device, m.ref_offloaded) as ref:
             ref_logprobs = sequence_logprobs(ref, seq, att, P, temperature, chunk)
         m.critic.eval()
         values = sequence_values(m.critic, seq, att, P, chunk).float()
-        with on_device(m.reward, device, ppo.offload_reward):
+        with on_device(m.reward, device, m.reward_offloaded):
             raw = scorer(prompts, rollout)
     scores = raw
     if ppo.normalize_reward:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from rlhf_core import stages
 from rlhf_core.data.formats import render_answer, render_prompt
 from rlhf_core.data.prepare import load_split
-from rlhf_core.engine import initialize
+from rlhf_core.engine import build_ds_config, initialize
 from rlhf_core.models import (apply_lora, build_reward_model, enable_gradient_checkpointing, load_tokenizer, merge_lora,
                               save_reward_model, sequence_scores)
 from rlhf_core.store import Manifest
@@ -102,9 +102,9 @@ def train_reward(ctx: StageContext) -> Manifest | None:
     train = tokenize_preferences(ctx, "train", tokenizer)
     evals = tokenize_preferences(ctx, "eval", tokenizer)
     _, total_steps = plan_steps(rw, len(train), dist.world_size)
-    model = _build(ctx, tokenizer)
-    engine = initialize(model, rw.deepspeed, rw.optimizer, rw.micro_batch_size, rw.gradient_accumulation_steps,
-                        dist.world_size, total_steps)
+    ds_config = build_ds_config(rw.deepspeed, rw.optimizer, rw.micro_batch_size, rw.gradient_accumulation_steps,
+                                dist.world_size)
+    engine = initialize(_build(ctx, tokenizer, ds_config), ds_config, rw.optimizer, total_steps)
     pad = tokenizer.pad_token_id
 
     def step(rows: list[int], window_units: float, _micro_index: int):
@@ -150,9 +150,10 @@ def train_reward(ctx: StageContext) -> Manifest | None:
     return manifest
 
 
-def _build(ctx: StageContext, tokenizer, for_export: bool = False):
+def _build(ctx: StageContext, tokenizer, ds_config: dict | None = None, for_export: bool = False):
+    """The reward model to train (``ds_config``: partitioned as it loads under ZeRO-3) or, for export, a whole one."""
     rw = ctx.cfg.reward
-    model = build_reward_model(ctx.cfg.models.reward, tokenizer, dropout=rw.dropout)
+    model = build_reward_model(ctx.cfg.models.reward, tokenizer, dropout=rw.dropout, partition_with=ds_config)
     model = apply_lora(model, rw.lora)
     if rw.gradient_checkpointing and not for_export:
         enable_gradient_checkpointing(model)

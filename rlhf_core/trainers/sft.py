@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from rlhf_core import stages
 from rlhf_core.data.formats import render_answer, render_prompt
 from rlhf_core.data.prepare import load_split
-from rlhf_core.engine import initialize
+from rlhf_core.engine import build_ds_config, initialize
 from rlhf_core.models import apply_lora, build_causal_lm, enable_gradient_checkpointing, load_tokenizer, save_causal_lm
 from rlhf_core.store import Manifest
 from rlhf_core.trainers.common import StageContext, gather_state_dict, load_into_skeleton, put_logs
@@ -120,9 +120,9 @@ def train_sft(ctx: StageContext) -> Manifest | None:
     _, total_steps = plan_steps(sft, len(train), dist.world_size)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(sft.deepspeed.precision, torch.float32)
-    model = _build_actor(ctx, tokenizer)
-    engine = initialize(model, sft.deepspeed, sft.optimizer, sft.micro_batch_size, sft.gradient_accumulation_steps,
-                        dist.world_size, total_steps)
+    ds_config = build_ds_config(sft.deepspeed, sft.optimizer, sft.micro_batch_size, sft.gradient_accumulation_steps,
+                                dist.world_size)
+    engine = initialize(_build_actor(ctx, tokenizer, ds_config), ds_config, sft.optimizer, total_steps)
     pad = tokenizer.pad_token_id
     ptx = None
     if sft.ptx_coef > 0:
@@ -177,9 +177,10 @@ def train_sft(ctx: StageContext) -> Manifest | None:
     return manifest
 
 
-def _build_actor(ctx: StageContext, tokenizer, for_export: bool = False):
+def _build_actor(ctx: StageContext, tokenizer, ds_config: dict | None = None, for_export: bool = False):
+    """The actor to train (``ds_config``: partitioned as it loads under ZeRO-3) or, for export, a whole one."""
     sft = ctx.cfg.sft
-    model = build_causal_lm(ctx.cfg.models.actor, tokenizer, dropout=sft.dropout)
+    model = build_causal_lm(ctx.cfg.models.actor, tokenizer, dropout=sft.dropout, partition_with=ds_config)
     model = apply_lora(model, sft.lora)
     if sft.gradient_checkpointing and not for_export:
         enable_gradient_checkpointing(model)
