@@ -87,7 +87,7 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
     from rlhf_core.engine import build_ds_config, init_distributed, initialize
     from rlhf_core.experience import RewardScorer
     from rlhf_core.hybrid_engine import HybridEngine
-    from rlhf_core.models import RewardModel, build_causal_lm, build_reward_model
+    from rlhf_core.models import build_causal_lm, build_reward_model
     from rlhf_core.config import ModelSpec
     from rlhf_core.trainers.ppo import Models, Timer, make_experience, update
 

@@ -178,7 +178,7 @@ def load_weights(w: Weights, arch: Arch, model: torch.nn.Module) -> None:
                     wt, b = _linear(getattr(layer, name))
                     w.put(f"{i}.{name}.w", wt)
                     w.put(f"{i}.{name}.b", b)
-        embed, norm_holder = dec.embed_tokens, None
+        embed = dec.embed_tokens
     else:
         m = base.model
         with _gathered(m.embed_tokens), _gathered(m.norm):

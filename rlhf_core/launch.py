@@ -11,9 +11,6 @@ output and its manifest; the caller reads the manifest back from the store.
 
 from __future__ import annotations
 
-import json
-import os
-import shlex
 import sys
 from typing import Any, Callable
 

@@ -1,7 +1,6 @@
 """The hybrid engine's fast generation path on CPU: the same tokens as transformers generate (greedy),
 correct sampling distributions, EOS handling, LoRA merging, release and fallback."""
 
-import collections
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ Usage: torchrun --nproc_per_node N tests/zero3_probe.py FOLDER OUT.json [--no-pa
 """
 
 import json
-import math
 import os
 import sys
 

@@ -19,7 +19,7 @@ def _local(tmp_path, name, rows, eval_rows=None):
 
 
 def _pairs(n, tag):
-    return [{"prompt": f"Human: describe the cat . Assistant:", "chosen": f"the cat is kind . {tag}{i}",
+    return [{"prompt": "Human: describe the cat . Assistant:", "chosen": f"the cat is kind . {tag}{i}",
              "rejected": f"the cat is rude . {tag}{i}"} for i in range(n)]
 
 
