@@ -46,8 +46,12 @@ def test_negative_control_without_a_zero3_config_every_rank_holds_everything(tmp
         assert r["actor_fraction"] == 1.0 and r["trainee_fraction"] == 1.0, r
 
 
-PPO = {"ppo.max_steps": 3, "ppo.checkpoint_every": 100, "ema.enabled": True}
-ATOL = 1e-4  # measured: ZeRO-2 and ZeRO-3 differ by at most 3e-5 (actor), 1e-5 (EMA), 2e-6 (critic)
+# LoRA on both, all parameters trained (the single_node profile's choice): adapters are created after the
+# partitioned load and join the partitions when the engine starts.
+LORA = {"enabled": True, "r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj"], "only_optimize_lora": False}
+PPO = {"ppo.max_steps": 3, "ppo.checkpoint_every": 100, "ema.enabled": True, "ppo.actor.lora": LORA,
+       "ppo.critic.lora": LORA}
+ATOL = 1e-4  # measured: ZeRO-2 and ZeRO-3 differ by at most 2.5e-5 (actor), 7e-6 (EMA), 1.4e-5 (critic)
 ZERO3 = {"ppo.actor.deepspeed.zero_stage": 3, "ppo.critic.deepspeed.zero_stage": 3, "ppo.offload_reference": True}
 
 
@@ -70,7 +74,7 @@ def test_ppo_at_zero3_with_frozen_zero3_engines_matches_zero2(ppo_zero2, tmp_pat
     got = output(cfg, "ppo", up)
     for rel in ("actor/model.safetensors", "actor_ema/model.safetensors", "critic/model.safetensors"):
         assert_same_weights(weights(ref_cfg, ref, rel), weights(cfg, got, rel), atol=ATOL)
-    # ... while three PPO steps move the actor much further than that tolerance (measured 1.7e-3)
+    # ... while three PPO steps move the actor much further than that tolerance (measured 3e-3)
     sft, final = weights(ref_cfg, up["sft"]), weights(cfg, got, "actor/model.safetensors")
     assert max((final[k] - sft[k]).abs().max().item() for k in final) > 10 * ATOL
 
