@@ -20,6 +20,7 @@ caller falls back to transformers ``generate``. On CPU the same code runs eagerl
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -232,6 +233,27 @@ class FastDecoder:
             freqs = torch.outer(torch.arange(arch.max_positions, dtype=torch.float32), inv)
             emb = torch.cat([freqs, freqs], -1)
             self.cos, self.sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+
+    # ------------------------------------------------------------------ memory
+    def bytes_needed(self, model: torch.nn.Module, B: int, P: int, T: int) -> int:
+        """Device bytes one rollout of B rows, P prompt and T total positions takes (an estimate): the whole
+        weights in this decoder's dtype (LoRA merged, so adapters do not count), the KV cache, and the
+        prefill's activations (about 16 x hidden per prompt token) with float32 logits for sampling."""
+        a, elt = self.arch, torch.finfo(self.dtype).bits // 8
+        weights = sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters() if "lora_" not in n)
+        kv = 2 * a.layers * B * a.kv_heads * T * a.head_dim
+        prefill = 16 * B * P * a.hidden
+        return (weights + kv + prefill) * elt + 4 * B * a.vocab
+
+    def bytes_available(self) -> int:
+        """Device bytes this decoder may use: free memory, the allocator's unused cache, and its own buffers
+        (refreshed in place). Unbounded on CPU."""
+        if self.device.type != "cuda":
+            return sys.maxsize
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        own = [*self.w.t.values(), *(self.__dict__[n] for n in ("k", "v") if n in self.__dict__)]
+        return free + cached + sum(t.numel() * t.element_size() for t in own)
 
     # ------------------------------------------------------------------ buffers and graphs
     def load(self, model: torch.nn.Module) -> None:

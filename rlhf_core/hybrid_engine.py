@@ -11,6 +11,7 @@ training resumes (``release_memory``). Otherwise, or with ``enabled: false``, it
 from __future__ import annotations
 
 import inspect
+from typing import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,11 +82,14 @@ def unwrap(engine_or_module) -> torch.nn.Module:
 class HybridEngine:
     """Generation for step 3 from the actor's DeepSpeed engine (or any causal LM module)."""
 
-    def __init__(self, actor_engine, tokenizer, gen: GenerationConfig, he: HybridEngineConfig, world_size: int = 1):
-        self.engine, self.tokenizer, self.gen, self.he = actor_engine, tokenizer, gen, he
+    def __init__(self, actor_engine, tokenizer, gen: GenerationConfig, he: HybridEngineConfig, world_size: int = 1,
+                 log: Callable[[str], None] = print):
+        self.engine, self.tokenizer, self.gen, self.he, self.log = actor_engine, tokenizer, gen, he, log
         self.zero3 = getattr(actor_engine, "zero_optimization_stage", lambda: 0)() == 3
         self.synced = self.zero3 and world_size > 1  # every rank must keep stepping under ZeRO-3
         self.fast = self._fast_decoder() if he.enabled else None
+        self.last_path: str | None = None  # the path the last rollout took
+        self._told = False
 
     def _fast_decoder(self):
         from rlhf_core.fast_decode import FastDecoder, arch_of
@@ -105,7 +109,29 @@ class HybridEngine:
 
     @property
     def path(self) -> str:
-        return "fast" if self.fast is not None else "transformers"
+        """The path the last rollout took ("fast" or "transformers"), or the one the next will try."""
+        return self.last_path or ("fast" if self.fast is not None else "transformers")
+
+    def _fits(self, B: int, P: int, T: int) -> bool:
+        """Whether the fast path's whole weights and KV cache fit the accelerator now. A ZeRO-3 actor too big
+        for one device (OPT-66B in bf16 is 132 GB) generates through transformers instead, its layers gathered
+        as they run. All ranks take the same path: under ZeRO-3 the two paths' collectives differ."""
+        model = unwrap(self.engine)
+        need, free = self.fast.bytes_needed(model, B, P, T), self.fast.bytes_available()
+        ok = need <= free
+        if self.synced and self.fast.device.type == "cuda":
+            flag = torch.tensor([int(ok)], device=self.fast.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            ok = bool(flag.item())
+        if not ok and not self._told:
+            weights = self.fast.bytes_needed(model, 0, 0, 0)
+            fix = ("the whole weights alone do not fit one device" if weights > free else
+                   "a smaller ppo.rollout_batch_size or hybrid_engine.max_batch would use the fast path")
+            self.log(f"hybrid engine: a rollout of {B} x {T} tokens needs about {need / 2**30:.1f} GiB (whole weights "
+                     f"and KV cache) and {free / 2**30:.1f} GiB is free here or on another rank; generating with "
+                     f"transformers instead ({fix})")
+            self._told = True
+        return ok
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int | None = None,
@@ -113,7 +139,9 @@ class HybridEngine:
         """Sample answers for left-padded prompts [B, P]; answers are padded to ``max_answer_len``."""
         A = max_new_tokens or self.gen.max_answer_len
         sample = self.gen.do_sample if do_sample is None else do_sample
-        if self.fast is not None and sample == self.gen.do_sample and prompt_ids.shape[0] <= self.he.max_batch:
+        if (self.fast is not None and sample == self.gen.do_sample and prompt_ids.shape[0] <= self.he.max_batch
+                and self._fits(prompt_ids.shape[0], prompt_ids.shape[1], prompt_ids.shape[1] + A)):
+            self.last_path = "fast"
             model = unwrap(self.engine)
             self.fast.load(model)  # once per rollout: gathered, LoRA merged, cast
             try:
@@ -122,6 +150,7 @@ class HybridEngine:
                 if self.he.release_memory:
                     self.fast.release()
             return self._rollout(torch.cat([prompt_ids, answers.to(prompt_ids.device)], 1), prompt_mask, A)
+        self.last_path = "transformers"
         return self._hf_generate(prompt_ids, prompt_mask, A, sample)
 
     def _hf_generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, A: int, sample: bool) -> Rollout:

@@ -168,6 +168,39 @@ def test_unsupported_architectures_fall_back_to_transformers():
     assert engine.generate(ids, mask).responses.shape == (4, 5)
 
 
+def test_memory_estimate_covers_the_weights_and_cache_the_decoder_allocates():
+    model = _model("llama_gqa")
+    fd = FastDecoder(arch_of(model.config), torch.device("cpu"), torch.float32, 0, 2, do_sample=False)
+    fd.load(model)
+    ids, mask = _prompts()
+    fd.generate(ids, mask, 20)
+    held = sum(t.numel() * t.element_size() for t in [*fd.w.t.values(), fd.k, fd.v])
+    need = fd.bytes_needed(model, ids.shape[0], ids.shape[1], ids.shape[1] + 20)
+    assert held <= need <= 3 * held  # an estimate: all of what it holds, plus room for the prefill
+
+
+@pytest.mark.parametrize("free_gib", [1e-6, None])
+def test_a_rollout_that_does_not_fit_the_device_generates_with_transformers(free_gib, monkeypatch):
+    """A ZeRO-3 actor too big for one device must not OOM in the fast path; None (the default, unbounded
+    on CPU) is the control that takes the fast path."""
+    model = _model("opt")
+    if free_gib is not None:
+        monkeypatch.setattr(FastDecoder, "bytes_available", lambda self: int(free_gib * 2**30))
+    said = []
+    engine = HybridEngine(model, Tok(), GenerationConfig(max_answer_len=20, do_sample=False), HybridEngineConfig(),
+                          log=said.append)
+    ids, mask = _prompts()
+    rollout = engine.generate(ids, mask)
+    assert torch.equal(rollout.responses, _hf(model, ids, mask))  # the same tokens either way
+    if free_gib is None:
+        assert engine.path == "fast" and said == []
+    else:
+        assert engine.path == "transformers"
+        assert len(said) == 1 and "whole weights alone do not fit" in said[0] and "GiB" in said[0]
+        engine.generate(ids, mask)
+        assert len(said) == 1  # said once, not per rollout
+
+
 def test_prompt_plus_answer_beyond_the_positions_is_refused():
     model = _model("opt")
     fd = FastDecoder(arch_of(model.config), torch.device("cpu"), torch.float32, 0, 2, do_sample=False)

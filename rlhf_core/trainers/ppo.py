@@ -292,7 +292,7 @@ def train_ppo(ctx: StageContext) -> Manifest | None:
     meta = reward_meta(_path(ctx, stages.REWARD))
     scorer = RewardScorer(m.reward, m.reward_tok, m.actor_tok, cfg.data.prompt_format,
                           meta.get("max_seq_len", cfg.reward.max_seq_len), dist.device)
-    hybrid = HybridEngine(m.actor, m.actor_tok, ppo.generation, cfg.hybrid_engine, dist.world_size)
+    hybrid = HybridEngine(m.actor, m.actor_tok, ppo.generation, cfg.hybrid_engine, dist.world_size, log=ctx.log)
     kl_ctl = KLController(ppo.kl.coef, ppo.kl.adaptive, ppo.kl.target, ppo.kl.horizon)
     gold = _gold_fn(cfg)
     ctx.log(f"{len(prompts)} prompts, {per_epoch} steps/epoch, {total} steps; {rows_per_step} rollouts/step/process, "
