@@ -57,7 +57,7 @@ def main() -> None:
     from rlhf_core.engine import build_ds_config, init_distributed, initialize
     from rlhf_core.experience import RewardScorer
     from rlhf_core.hybrid_engine import HybridEngine
-    from rlhf_core.models import apply_lora, build_causal_lm, build_reward_model, enable_gradient_checkpointing
+    from rlhf_core.models import build_causal_lm, build_reward_model, for_training
     from rlhf_core.trainers.ppo import Models, Timer, _frozen, make_experience, update
 
     tiny = args.actor == "tiny"
@@ -83,8 +83,7 @@ def main() -> None:
     # Random init is built whole (on the GPU: seconds, not minutes), then ZeRO-3 partitions and offloads it.
     with torch.device(dist.device):
         actor = build_causal_lm(ModelSpec(architecture=arch, tokenizer="stub"), SizeTok(), dtype=dtype, dropout=0.0)
-    actor = apply_lora(actor, ppo.actor.lora)
-    enable_gradient_checkpointing(actor)
+    actor = for_training(actor, ppo.actor.lora, ppo.actor.gradient_checkpointing)
     actor_e = initialize(actor, build_ds_config(ppo.actor.deepspeed, ppo.actor.optimizer, args.batch, 1, 1),
                          ppo.actor.optimizer, 10)
     del actor

@@ -11,8 +11,8 @@ training resumes (``release_memory``). Otherwise, or with ``enabled: false``, it
 from __future__ import annotations
 
 import inspect
-from typing import Callable
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 

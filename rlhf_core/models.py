@@ -156,15 +156,15 @@ def build_causal_lm(spec: ModelSpec, tokenizer, dropout: float | None = None, dt
     if spec.architecture is not None:
         with _seeded(spec.init_seed):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    else:
+        _fit_vocab(model, tokenizer)
+        return model
+    with _partitioned(partition_with):
         try:
-            with _partitioned(partition_with):
-                model = AutoModelForCausalLM.from_pretrained(
-                    local_copy(spec.name_or_path), config=config, dtype=dtype, revision=spec.revision,
-                    trust_remote_code=spec.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                local_copy(spec.name_or_path), config=config, dtype=dtype, revision=spec.revision,
+                trust_remote_code=spec.trust_remote_code)
         except Exception as e:
             raise ModelLoadError(f"models.{role}: cannot load {spec.name_or_path!r} ({type(e).__name__}: {e})") from None
-    with _partitioned(partition_with if spec.architecture is None else None):
         _fit_vocab(model, tokenizer)
     return model
 
@@ -259,17 +259,17 @@ def build_reward_model(spec: ModelSpec, tokenizer, dropout: float | None = None,
         with _seeded(spec.init_seed):
             backbone = AutoModel.from_config(config, dtype=dtype)
             model = RewardModel(backbone)
-    else:
+        _fit_vocab(backbone, tokenizer)
+        return _cast_head(model, dtype)
+    with _partitioned(partition_with):
         try:
-            with _partitioned(partition_with):
-                backbone = AutoModel.from_pretrained(local_copy(spec.name_or_path), config=config, dtype=dtype,
-                                                     revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+            backbone = AutoModel.from_pretrained(local_copy(spec.name_or_path), config=config, dtype=dtype,
+                                                 revision=spec.revision, trust_remote_code=spec.trust_remote_code)
         except Exception as e:
             raise ModelLoadError(f"models.{role}: cannot load {spec.name_or_path!r} ({type(e).__name__}: {e})") from None
-        with _seeded(spec.init_seed):
-            model = RewardModel(backbone)
-    with _partitioned(partition_with if spec.architecture is None else None):
         _fit_vocab(backbone, tokenizer)
+    with _seeded(spec.init_seed):
+        model = RewardModel(backbone)
     return _cast_head(model, dtype)
 
 
@@ -361,6 +361,14 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(target, "config"):
         target.config.use_cache = False
+
+
+def for_training(model: nn.Module, lora: LoraConfig, gradient_checkpointing: bool) -> nn.Module:
+    """A loaded actor / reward model / critic as a stage trains it: LoRA adapters, then activation checkpointing."""
+    model = apply_lora(model, lora)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
 
 
 def save_causal_lm(model: nn.Module, tokenizer, path: str, dtype: torch.dtype | None = None,

@@ -32,8 +32,8 @@ from rlhf_core.engine import build_ds_config, check_finite_grad_norm, frozen_con
 from rlhf_core.experience import (Experience, RewardScorer, sequence_logprobs, sequence_values, tokenize_prompts)
 from rlhf_core.hybrid_engine import HybridEngine, left_pad
 from rlhf_core.metrics import MetricsLog, Progress
-from rlhf_core.models import (apply_lora, enable_gradient_checkpointing, load_causal_lm, load_reward_model,
-                              load_saved_tokenizer, merge_lora, reward_meta, save_causal_lm, save_reward_model)
+from rlhf_core.models import (apply_lora, for_training, load_causal_lm, load_reward_model, load_saved_tokenizer,
+                              merge_lora, reward_meta, save_causal_lm, save_reward_model)
 from rlhf_core.ppo_math import (KLController, compute_gae, compute_policy_loss, compute_rewards, compute_value_loss,
                                 masked_mean, masked_whiten)
 from rlhf_core.store import Manifest
@@ -75,17 +75,13 @@ def build_models(ctx: StageContext, total_updates: int) -> Models:
 
     # Under ZeRO-3 every model is partitioned across the ranks as it loads, so no rank holds a whole copy.
     actor_ds = build_ds_config(ppo.actor.deepspeed, ppo.actor.optimizer, micro, 1, dist.world_size)
-    actor = apply_lora(load_causal_lm(sft_path, dropout=ppo.actor.dropout, what="the SFT actor",
-                                      partition_with=actor_ds), ppo.actor.lora)
-    if ppo.actor.gradient_checkpointing:
-        enable_gradient_checkpointing(actor)
+    actor = for_training(load_causal_lm(sft_path, dropout=ppo.actor.dropout, what="the SFT actor",
+                                        partition_with=actor_ds), ppo.actor.lora, ppo.actor.gradient_checkpointing)
     actor_engine = initialize(actor, actor_ds, ppo.actor.optimizer, total_updates)
 
     critic_ds = build_ds_config(ppo.critic.deepspeed, ppo.critic.optimizer, micro, 1, dist.world_size)
-    critic = apply_lora(load_reward_model(reward_path, dropout=ppo.critic.dropout, partition_with=critic_ds),
-                        ppo.critic.lora)
-    if ppo.critic.gradient_checkpointing:
-        enable_gradient_checkpointing(critic)
+    critic = for_training(load_reward_model(reward_path, dropout=ppo.critic.dropout, partition_with=critic_ds),
+                          ppo.critic.lora, ppo.critic.gradient_checkpointing)
     critic_engine = initialize(critic, critic_ds, ppo.critic.optimizer, total_updates)
 
     ref, ref_offloaded = _frozen(

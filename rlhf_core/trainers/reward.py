@@ -15,8 +15,8 @@ from rlhf_core import stages
 from rlhf_core.data.formats import render_answer, render_prompt
 from rlhf_core.data.prepare import load_split
 from rlhf_core.engine import build_ds_config, initialize
-from rlhf_core.models import (apply_lora, build_reward_model, enable_gradient_checkpointing, load_tokenizer, merge_lora,
-                              save_reward_model, sequence_scores)
+from rlhf_core.models import (build_reward_model, for_training, load_tokenizer, merge_lora, save_reward_model,
+                              sequence_scores)
 from rlhf_core.store import Manifest
 from rlhf_core.trainers.common import StageContext, all_reduce_sum, gather_state_dict, load_into_skeleton, put_logs
 from rlhf_core.trainers.loop import LoopSpec, plan_steps, run_loop
@@ -154,7 +154,4 @@ def _build(ctx: StageContext, tokenizer, ds_config: dict | None = None, for_expo
     """The reward model to train (``ds_config``: partitioned as it loads under ZeRO-3) or, for export, a whole one."""
     rw = ctx.cfg.reward
     model = build_reward_model(ctx.cfg.models.reward, tokenizer, dropout=rw.dropout, partition_with=ds_config)
-    model = apply_lora(model, rw.lora)
-    if rw.gradient_checkpointing and not for_export:
-        enable_gradient_checkpointing(model)
-    return model
+    return for_training(model, rw.lora, rw.gradient_checkpointing and not for_export)

@@ -15,7 +15,7 @@ from rlhf_core import stages
 from rlhf_core.data.formats import render_answer, render_prompt
 from rlhf_core.data.prepare import load_split
 from rlhf_core.engine import build_ds_config, initialize
-from rlhf_core.models import apply_lora, build_causal_lm, enable_gradient_checkpointing, load_tokenizer, save_causal_lm
+from rlhf_core.models import build_causal_lm, for_training, load_tokenizer, save_causal_lm
 from rlhf_core.store import Manifest
 from rlhf_core.trainers.common import StageContext, gather_state_dict, load_into_skeleton, put_logs
 from rlhf_core.trainers.loop import LoopSpec, plan_steps, run_loop
@@ -181,10 +181,7 @@ def _build_actor(ctx: StageContext, tokenizer, ds_config: dict | None = None, fo
     """The actor to train (``ds_config``: partitioned as it loads under ZeRO-3) or, for export, a whole one."""
     sft = ctx.cfg.sft
     model = build_causal_lm(ctx.cfg.models.actor, tokenizer, dropout=sft.dropout, partition_with=ds_config)
-    model = apply_lora(model, sft.lora)
-    if sft.gradient_checkpointing and not for_export:
-        enable_gradient_checkpointing(model)
-    return model
+    return for_training(model, sft.lora, sft.gradient_checkpointing and not for_export)
 
 
 def _card(title: str, base: str, metrics: dict) -> str:
