@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlhf_core.fast_decode import FastDecoder, arch_of  # noqa: E402
+from rlhf_core.engines.fast_decode import FastDecoder, arch_of  # noqa: E402
 
 OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32, vocab_size=50272,
                 max_position_embeddings=2048, word_embed_proj_dim=2048)

@@ -4,7 +4,7 @@
     python benchmarks/sft_throughput.py --zero 2 --micro 8 --grad-ckpt
 
 Each configuration runs in its own process (a clean allocator and DeepSpeed state), through the same
-``rlhf_core.engine.initialize`` and loss as the SFT stage, on random token batches. FLOPs per step follow
+``rlhf_core.engines.training.initialize`` and loss as the SFT stage, on random token batches. FLOPs per step follow
 DeepSpeed-Chat's ``perf.py`` (``calculate_flops``: 24 * ckpt_factor * B * s * L * h^2 * (1 + s/(6h) +
 V/(16 L h)), ckpt_factor 3, or 4 with gradient checkpointing), so numbers compare with theirs. The bf16
 matmul peak is measured in the same run; MFU = achieved / measured peak. Prints a table last.
@@ -53,8 +53,9 @@ def run_one(zero: int, micro: int, seq: int, steps: int, warmup: int, grad_ckpt:
     import torch
 
     from rlhf_core.config import DeepSpeedConfig, ModelSpec, OptimizerConfig
-    from rlhf_core.engine import build_ds_config, init_distributed, initialize
-    from rlhf_core.models import build_causal_lm, enable_gradient_checkpointing
+    from rlhf_core.engines.training import build_ds_config, init_distributed, initialize
+    from rlhf_core.models.causal_lm import build_causal_lm
+    from rlhf_core.models.lora import enable_gradient_checkpointing
     from rlhf_core.trainers.sft import token_loss_sum
 
     dist = init_distributed("cuda")

@@ -54,10 +54,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from rlhf_core.config import ModelSpec, load_config
-    from rlhf_core.engine import build_ds_config, init_distributed, initialize
-    from rlhf_core.experience import RewardScorer
-    from rlhf_core.hybrid_engine import HybridEngine
-    from rlhf_core.models import build_causal_lm, build_reward_model, for_training
+    from rlhf_core.engines.training import build_ds_config, init_distributed, initialize
+    from rlhf_core.trainers.experience import RewardScorer
+    from rlhf_core.engines.hybrid import HybridEngine
+    from rlhf_core.models.causal_lm import build_causal_lm
+    from rlhf_core.models.lora import for_training
+    from rlhf_core.models.reward_model import build_reward_model
     from rlhf_core.trainers.ppo import Models, Timer, _frozen, make_experience, update
 
     tiny = args.actor == "tiny"

@@ -84,10 +84,11 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
     import torch
 
     from rlhf_core.config import load_config
-    from rlhf_core.engine import build_ds_config, init_distributed, initialize
-    from rlhf_core.experience import RewardScorer
-    from rlhf_core.hybrid_engine import HybridEngine
-    from rlhf_core.models import build_causal_lm, build_reward_model
+    from rlhf_core.engines.training import build_ds_config, init_distributed, initialize
+    from rlhf_core.trainers.experience import RewardScorer
+    from rlhf_core.engines.hybrid import HybridEngine
+    from rlhf_core.models.causal_lm import build_causal_lm
+    from rlhf_core.models.reward_model import build_reward_model
     from rlhf_core.config import ModelSpec
     from rlhf_core.trainers.ppo import Models, Timer, make_experience, update
 
@@ -154,7 +155,7 @@ def greedy_check() -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlhf_core.fast_decode import FastDecoder, arch_of
+    from rlhf_core.engines.fast_decode import FastDecoder, arch_of
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

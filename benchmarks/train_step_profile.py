@@ -20,8 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.step3_throughput import OPT_1_3B, OPT_350M, StubTokenizer  # noqa: E402
 from rlhf_core.config import DeepSpeedConfig, ModelSpec, OptimizerConfig  # noqa: E402
-from rlhf_core.engine import build_ds_config, init_distributed, initialize  # noqa: E402
-from rlhf_core.models import build_causal_lm, build_reward_model  # noqa: E402
+from rlhf_core.engines.training import build_ds_config, init_distributed, initialize  # noqa: E402
+from rlhf_core.models.causal_lm import build_causal_lm  # noqa: E402
+from rlhf_core.models.reward_model import build_reward_model  # noqa: E402
 
 
 class SizeTok(StubTokenizer):

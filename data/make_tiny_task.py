@@ -2,7 +2,7 @@
 
     python data/make_tiny_task.py          # rewrites data/tiny_task, data/ptx_corpus.txt, data/tiny_tokenizer
 
-The task and its gold reward are defined in rlhf_core/gold.py. The preference data uses DeepSpeed-Chat's
+The task and its gold reward are defined in rlhf_core/data/tiny_task.py. The preference data uses DeepSpeed-Chat's
 local layout (data/train.json and data/eval.json with prompt/chosen/rejected, one JSON object per line).
 The tokenizer is a word-level tokenizer over the task's vocabulary, with a BOS token and a chat template
 that renders the same " Human: ... Assistant:" text as DeepSpeed-Chat's format.
@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from rlhf_core import gold  # noqa: E402
+from rlhf_core.data import tiny_task as gold  # noqa: E402
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHAT_TEMPLATE = (

@@ -16,12 +16,6 @@ import sys
 from typing import Any
 
 
-def _prefect_defaults() -> None:
-    # No telemetry from a research tool, and a temporary API server that may take a while on 2 cores.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-
-
 def _params(args: argparse.Namespace):
     from flows.params import RunParams
     from rlhf_core.config import parse_override
@@ -36,14 +30,16 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rlhf_core.existing import existing_reward
+    from rlhf_core.stages.existing import existing_reward
 
     params = _params(args)
     cfg = params.config()  # validate before Prefect or any stage starts
     existing_reward(cfg)  # and a reward.existing that is not there
     if cfg.resources.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU runs
-    _prefect_defaults()
+    from flows.environment import prefect_defaults
+
+    prefect_defaults()
     from flows.pipeline import rlhf_pipeline
 
     summary = rlhf_pipeline(params)
@@ -101,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rlhf_core.config import ConfigError
     from rlhf_core.data.adapters import DataError
-    from rlhf_core.models import ModelLoadError
+    from rlhf_core.models.loading import ModelLoadError
 
     args = build_parser().parse_args(argv)
     try:

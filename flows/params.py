@@ -84,3 +84,11 @@ class RunParams(BaseModel):
             shown = dict(self.overrides)
         suffix = ",".join(f"{k}={v}" for k, v in sorted(shown.items()))
         return f"{self.profile}" + (f" [{suffix}]" if suffix else "")
+
+
+def flow_run_name(prefix: str) -> str:
+    """A flow run's name from its parameters, e.g. ``sft: tiny [ppo.kl.coef=0.05]`` (Prefect calls this)."""
+    from prefect.runtime import flow_run
+
+    params = RunParams.model_validate(flow_run.parameters.get("params") or {})
+    return f"{prefix}: {params.run_name()}"

@@ -7,21 +7,22 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.params import RunParams
-from rlhf_core import lineage, stages
+from flows.params import RunParams, flow_run_name
+from rlhf_core.stages import registry as stages
+from rlhf_core.storage import lineage
 from rlhf_core.config import PipelineConfig
-from rlhf_core.existing import existing_reward
-from rlhf_core.store import Manifest
-from tasks.common import store_for
-from tasks.data import prepare_data
-from tasks.evaluate import evaluate
-from tasks.export import export_actors
-from tasks.ppo import train_ppo
-from tasks.reward import train_reward, use_reward_model
-from tasks.sft import train_sft
+from rlhf_core.stages.existing import existing_reward
+from rlhf_core.storage.store import Manifest
+from tasks.runner import store_for
+from tasks.prepare_data import prepare_data
+from tasks.evaluate_actors import evaluate
+from tasks.export_actors import export_actors
+from tasks.train_ppo import train_ppo
+from tasks.train_reward import train_reward, use_reward_model
+from tasks.train_sft import train_sft
 
 
-@flow(name="rlhf-pipeline", flow_run_name=lambda: _run_name())
+@flow(name="rlhf-pipeline", flow_run_name=lambda: flow_run_name("pipeline"))
 def rlhf_pipeline(params: RunParams = RunParams()) -> dict[str, Any]:
     """Run every stage of the profile; finished stages are cache hits."""
     return run_pipeline(params, until=stages.EVALUATE)
@@ -73,10 +74,3 @@ def summarize(cfg: PipelineConfig, outputs: dict[str, Manifest]) -> dict[str, An
 
 def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    params = RunParams.model_validate(flow_run.parameters.get("params") or {})
-    return f"pipeline: {params.run_name()}"

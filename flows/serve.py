@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from flows.environment import prefect_defaults
 from flows.params import RunParams
 from rlhf_core.config import ConfigError, PipelineConfig
 
@@ -44,11 +45,10 @@ def schedules(cfg: PipelineConfig, cron: str | None = None, interval: float | No
 
 
 def flows() -> list[Any]:
-    from flows.data import data_flow
     from flows.pipeline import rlhf_pipeline
-    from flows.stages import STAGE_FLOWS
+    from flows.stage_flows import STAGE_FLOWS
 
-    return [rlhf_pipeline, data_flow, *STAGE_FLOWS.values()]
+    return [rlhf_pipeline, *STAGE_FLOWS.values()]
 
 
 def build_deployments(params: RunParams, cfg: PipelineConfig, cron: str | None = None,
@@ -73,14 +73,12 @@ def build_deployments(params: RunParams, cfg: PipelineConfig, cron: str | None =
 def cmd_serve(args: argparse.Namespace, make_params: Callable[[argparse.Namespace], RunParams]) -> int:
     from prefect import serve
 
-    from rlhf_core.existing import existing_reward
-    from tasks.common import GPU_LIMIT, _gpu_count, ensure_gpu_limit
-
-    from flows.cli import _prefect_defaults
+    from rlhf_core.stages.existing import existing_reward
+    from tasks.runner import GPU_LIMIT, _gpu_count, ensure_gpu_limit
 
     params = make_params(args)
     cfg = params.config()  # a bad profile or override is refused before anything is served
-    _prefect_defaults()
+    prefect_defaults()
     if cfg.resources.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by the flow runs this process starts
     existing_reward(cfg)

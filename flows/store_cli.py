@@ -5,7 +5,7 @@
     rlhf store gc --keep N [--dry-run]          remove what the N most recent results do not refer to
 
 The store is the profile's ``storage.root`` (``--profile``, ``--set storage.root=...``) or ``--root URL``.
-The logic is in rlhf_core/lineage.py.
+The logic is in rlhf_core/storage/lineage.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import argparse
 import sys
 from typing import Callable
 
-from rlhf_core import lineage
-from rlhf_core.store import Store
+from rlhf_core.storage import lineage
+from rlhf_core.storage.store import Store
 
 
 def _store(args: argparse.Namespace, make_params: Callable) -> tuple[Store, float]:

@@ -15,7 +15,8 @@ from typing import Literal
 import torch
 
 from rlhf_core.data.formats import from_messages
-from rlhf_core.models import load_causal_lm, load_saved_tokenizer
+from rlhf_core.models.causal_lm import load_causal_lm
+from rlhf_core.models.tokenizers import load_saved_tokenizer
 
 Style = Literal["human_assistant", "chat_template"]
 

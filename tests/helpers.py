@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from rlhf_core import stages
+from rlhf_core.stages import registry as stages
 from rlhf_core.config import PipelineConfig
 from rlhf_core.data.prepare import run_data_stage
-from rlhf_core.launch import Job, command, write_job
-from rlhf_core.store import Manifest, Store
-from tasks.common import _DIST_ENV
+from rlhf_core.stages.launch import Job, command, write_job
+from rlhf_core.storage.store import Manifest, Store
+from tasks.runner import _DIST_ENV
 
 KEYS = {
     stages.SFT: lambda cfg, up: stages.sft_key(cfg, up[stages.DATA]),
@@ -29,7 +29,7 @@ def prepare(cfg: PipelineConfig) -> Manifest:
 
 def worker(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest], fault: str | None = None,
            timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run one stage as `python -m rlhf_core.launch` (or torchrun, per cfg.resources) and wait."""
+    """Run one stage as `python -m rlhf_core.stages.launch` (or torchrun, per cfg.resources) and wait."""
     store = Store.from_config(cfg.storage)
     key = KEYS[stage](cfg, upstream)
     url = write_job(store, Job(stage=stage, key=key, config=cfg.model_dump(mode="json"), upstream=upstream))
@@ -72,10 +72,12 @@ def copy_trained(tiny_trained: dict, root: Path) -> PipelineConfig:
 def evaluate_actor(cfg: PipelineConfig, tiny: dict, actor_path: str | None):
     """Sample the held-out prompts from an actor (None: the SFT model) the way the evaluate stage does."""
     from rlhf_core.data.prepare import load_split
-    from rlhf_core.evaluate import sample_model
-    from rlhf_core.experience import RewardScorer, tokenize_prompts
-    from rlhf_core.models import load_causal_lm, load_reward_model, load_saved_tokenizer
-    from rlhf_core.ptx import load_blocks
+    from rlhf_core.stages.evaluate import sample_model
+    from rlhf_core.trainers.experience import RewardScorer, tokenize_prompts
+    from rlhf_core.models.causal_lm import load_causal_lm
+    from rlhf_core.models.reward_model import load_reward_model
+    from rlhf_core.models.tokenizers import load_saved_tokenizer
+    from rlhf_core.data.ptx import load_blocks
 
     store = Store.from_config(tiny["cfg"].storage)
     sft_path = store.fetch("sft", tiny["sft"].key, "model")

@@ -1,7 +1,7 @@
 import pytest
 
 from rlhf_core.chat import Chat, repl
-from rlhf_core.store import Store
+from rlhf_core.storage.store import Store
 
 pytestmark = pytest.mark.slow
 

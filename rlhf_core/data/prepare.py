@@ -28,9 +28,9 @@ import pyarrow as pa
 from rlhf_core.config import DataConfig, PipelineConfig, SourceConfig
 from rlhf_core.data.adapters import FILES, DataError, _layout, _layout_files, convert_rows, iter_text_lines, load_raw
 from rlhf_core.data.formats import render_prompt
-from rlhf_core.stages import DATA as STAGE
-from rlhf_core.stages import VERSIONS
-from rlhf_core.store import Manifest, Store, hash_key
+from rlhf_core.stages.registry import DATA as STAGE
+from rlhf_core.stages.registry import VERSIONS
+from rlhf_core.storage.store import Manifest, Store, hash_key
 
 STAGE_VERSION = VERSIONS[STAGE]
 STAGES = ("sft", "reward", "ppo")
@@ -149,7 +149,7 @@ def split_by_shares(rows: list, shares: tuple[int, ...]) -> list[list]:
 
 def build_data(cfg: PipelineConfig) -> BuiltData:
     """Load, validate, split, filter and blend every source. Raises DataError before any output exists."""
-    from rlhf_core.models import load_tokenizer
+    from rlhf_core.models.tokenizers import load_tokenizer
 
     data = cfg.data
     tokenizer = load_tokenizer(cfg.models.actor, role="actor")

@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 
 from rlhf_core.config import TrainStageConfig
-from rlhf_core.engine import check_finite_grad_norm
-from rlhf_core.metrics import MetricsLog, Progress
-from rlhf_core.trainers.common import (StageContext, all_reduce_sum, epoch_batches, load_checkpoint,
+from rlhf_core.engines.training import check_finite_grad_norm
+from rlhf_core.trainers.metrics import MetricsLog, Progress
+from rlhf_core.trainers.state import (StageContext, all_reduce_sum, epoch_batches, load_checkpoint,
                                        maybe_inject_fault, save_checkpoint)
 
 # (row indices, window units, global micro-batch index) -> (loss to backprop, per-micro metric sums)

@@ -23,21 +23,23 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from rlhf_core import stages
+from rlhf_core.stages import registry as stages
 from rlhf_core.config import DeepSpeedConfig, PipelineConfig
 from rlhf_core.data.prepare import load_split
-from rlhf_core.ema import EMA
-from rlhf_core.ptx import PtxSchedule, load_blocks
-from rlhf_core.engine import build_ds_config, check_finite_grad_norm, frozen_config, frozen_engine, initialize
-from rlhf_core.experience import (Experience, RewardScorer, sequence_logprobs, sequence_values, tokenize_prompts)
-from rlhf_core.hybrid_engine import HybridEngine, left_pad
-from rlhf_core.metrics import MetricsLog, Progress
-from rlhf_core.models import (apply_lora, for_training, load_causal_lm, load_reward_model, load_saved_tokenizer,
-                              merge_lora, reward_meta, save_causal_lm, save_reward_model)
-from rlhf_core.ppo_math import (KLController, compute_gae, compute_policy_loss, compute_rewards, compute_value_loss,
+from rlhf_core.trainers.ema import EMA
+from rlhf_core.data.ptx import PtxSchedule, load_blocks
+from rlhf_core.engines.training import build_ds_config, check_finite_grad_norm, frozen_config, frozen_engine, initialize
+from rlhf_core.trainers.experience import (Experience, RewardScorer, sequence_logprobs, sequence_values, tokenize_prompts)
+from rlhf_core.engines.hybrid import HybridEngine, left_pad
+from rlhf_core.trainers.metrics import MetricsLog, Progress
+from rlhf_core.models.causal_lm import load_causal_lm, save_causal_lm
+from rlhf_core.models.lora import apply_lora, for_training, merge_lora
+from rlhf_core.models.reward_model import load_reward_model, reward_meta, save_reward_model
+from rlhf_core.models.tokenizers import load_saved_tokenizer
+from rlhf_core.maths.rl import (KLController, compute_gae, compute_policy_loss, compute_rewards, compute_value_loss,
                                 masked_mean, masked_whiten)
-from rlhf_core.store import Manifest
-from rlhf_core.trainers.common import (StageContext, all_reduce_sum, epoch_batches, gather_state_dict,
+from rlhf_core.storage.store import Manifest
+from rlhf_core.trainers.state import (StageContext, all_reduce_sum, epoch_batches, gather_state_dict,
                                        load_checkpoint, load_into_skeleton, maybe_inject_fault, put_logs,
                                        save_checkpoint)
 from rlhf_core.trainers.sft import _card, token_loss_sum
@@ -375,7 +377,7 @@ def train_ppo(ctx: StageContext) -> Manifest | None:
 def _gold_fn(cfg: PipelineConfig):
     if cfg.eval.gold_reward != "tiny_task":
         return None
-    from rlhf_core.gold import gold_reward
+    from rlhf_core.data.tiny_task import gold_reward
 
     def fn(prompts: list[str], rollout, tok) -> list[float]:
         answers = [r[mk.bool()].tolist() for r, mk in zip(rollout.responses.cpu(), rollout.response_mask.cpu())]

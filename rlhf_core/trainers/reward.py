@@ -11,14 +11,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rlhf_core import stages
+from rlhf_core.stages import registry as stages
 from rlhf_core.data.formats import render_answer, render_prompt
 from rlhf_core.data.prepare import load_split
-from rlhf_core.engine import build_ds_config, initialize
-from rlhf_core.models import (build_reward_model, for_training, load_tokenizer, merge_lora, save_reward_model,
-                              sequence_scores)
-from rlhf_core.store import Manifest
-from rlhf_core.trainers.common import StageContext, all_reduce_sum, gather_state_dict, load_into_skeleton, put_logs
+from rlhf_core.engines.training import build_ds_config, initialize
+from rlhf_core.models.lora import for_training, merge_lora
+from rlhf_core.models.reward_model import build_reward_model, save_reward_model, sequence_scores
+from rlhf_core.models.tokenizers import load_tokenizer
+from rlhf_core.storage.store import Manifest
+from rlhf_core.trainers.state import StageContext, all_reduce_sum, gather_state_dict, load_into_skeleton, put_logs
 from rlhf_core.trainers.loop import LoopSpec, plan_steps, run_loop
 from rlhf_core.trainers.sft import _card
 

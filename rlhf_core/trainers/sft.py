@@ -11,13 +11,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rlhf_core import stages
+from rlhf_core.stages import registry as stages
 from rlhf_core.data.formats import render_answer, render_prompt
 from rlhf_core.data.prepare import load_split
-from rlhf_core.engine import build_ds_config, initialize
-from rlhf_core.models import build_causal_lm, for_training, load_tokenizer, save_causal_lm
-from rlhf_core.store import Manifest
-from rlhf_core.trainers.common import StageContext, gather_state_dict, load_into_skeleton, put_logs
+from rlhf_core.engines.training import build_ds_config, initialize
+from rlhf_core.models.causal_lm import build_causal_lm, save_causal_lm
+from rlhf_core.models.lora import for_training
+from rlhf_core.models.tokenizers import load_tokenizer
+from rlhf_core.storage.store import Manifest
+from rlhf_core.trainers.state import StageContext, gather_state_dict, load_into_skeleton, put_logs
 from rlhf_core.trainers.loop import LoopSpec, plan_steps, run_loop
 
 IGNORE = -100
@@ -126,7 +128,7 @@ def train_sft(ctx: StageContext) -> Manifest | None:
     pad = tokenizer.pad_token_id
     ptx = None
     if sft.ptx_coef > 0:
-        from rlhf_core.ptx import PtxSchedule, load_blocks
+        from rlhf_core.data.ptx import PtxSchedule, load_blocks
 
         blocks = load_blocks(ctx.store, ctx.upstream[stages.DATA], tokenizer, cfg.data.ptx.block_tokens,
                              cfg.data.ptx.max_blocks)

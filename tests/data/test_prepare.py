@@ -6,7 +6,7 @@ import pytest
 from rlhf_core.config import ConfigError
 from rlhf_core.data.adapters import DataError
 from rlhf_core.data.prepare import build_data, data_stage_key, load_split, run_data_stage, split_by_shares
-from rlhf_core.store import Store
+from rlhf_core.storage.store import Store
 from tests.conftest import PROJECT, tiny_config
 
 

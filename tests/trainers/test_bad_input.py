@@ -5,8 +5,9 @@ import shutil
 import pytest
 
 from rlhf_core.config import load_config
-from rlhf_core.models import ModelLoadError, load_reward_model
-from rlhf_core.store import Store
+from rlhf_core.models.loading import ModelLoadError
+from rlhf_core.models.reward_model import load_reward_model
+from rlhf_core.storage.store import Store
 from rlhf_core.trainers.ppo import check_lengths
 from tests.conftest import tiny_config
 from tests.conftest import snapshot

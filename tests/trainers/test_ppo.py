@@ -5,7 +5,7 @@ import concurrent.futures
 
 import pytest
 
-from rlhf_core.store import Store
+from rlhf_core.storage.store import Store
 from tests.conftest import tiny_config
 from tests.helpers import copy_trained, evaluate_actor, output, worker
 

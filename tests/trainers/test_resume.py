@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from rlhf_core.store import Store
+from rlhf_core.storage.store import Store
 from tests.conftest import tiny_config
 from tests.helpers import assert_same_weights, copy_trained, output, prepare, weights, worker
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from rlhf_core.models import load_reward_model
-from rlhf_core.store import Store
+from rlhf_core.models.reward_model import load_reward_model
+from rlhf_core.storage.store import Store
 from tests.conftest import tiny_config
 from tests.helpers import output, prepare, weights, worker
 
@@ -68,7 +68,8 @@ def test_lora_sft_trains_and_exports_a_merged_model(tmp_path):
     assert not any("lora" in k for k in w)
     model = AutoModelForCausalLM.from_pretrained(Store.from_config(cfg.storage).fetch("sft", m.key, "model"))
     # Only LoRA was trained, so merged q_proj moved while the untouched k_proj equals the random init.
-    from rlhf_core.models import build_causal_lm, load_tokenizer
+    from rlhf_core.models.causal_lm import build_causal_lm
+    from rlhf_core.models.tokenizers import load_tokenizer
 
     init = build_causal_lm(cfg.models.actor, load_tokenizer(cfg.models.actor))
     layer, init_layer = model.model.decoder.layers[0].self_attn, init.model.decoder.layers[0].self_attn

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from rlhf_core.engine import free_port
-from tasks.common import _DIST_ENV
+from rlhf_core.engines.training import free_port
+from tasks.runner import _DIST_ENV
 from tests.conftest import PROJECT, tiny_config
 from tests.helpers import assert_same_weights, copy_trained, output, weights, worker
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def _probe(tmp_path, *flags):
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "tests/zero3_probe.py", str(tmp_path / "models"), str(out),
+                           "--master_port", str(free_port()), "tests/trainers/zero3_probe.py", str(tmp_path / "models"), str(out),
                            *flags], cwd=PROJECT, capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -107,7 +107,7 @@ def test_the_memory_probe_runs_its_zero3_offload_setup_on_cpu(tmp_path):
 def test_stages_from_a_pretrained_model_at_zero3_on_two_ranks_match_one(stage, tiny_trained, tmp_path):
     """SFT and reward training from a pretrained folder (the tiny SFT actor as the base) load it partitioned
     at ZeRO-3 on 2 ranks, export it whole from rank 0, and match ZeRO-2 on one rank."""
-    from rlhf_core.store import Store
+    from rlhf_core.storage.store import Store
 
     from tests.helpers import prepare
 

@@ -1,0 +1,476 @@
+"""The pipeline configuration's schema: one frozen pydantic section per YAML section.
+
+Every field has a description, bounds or ``Literal`` choices, so the YAML, the Prefect UI form and the docs
+agree. Sections are validated once (``profiles.load_config``) and frozen.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+class ConfigError(ValueError):
+    """A profile or override is invalid; the message names the key and what is allowed."""
+
+
+_REWARD_KEY = re.compile(r"(reward/)?[0-9a-f]{20}")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------------- storage
+
+
+class StorageConfig(Section):
+    root: str = Field(
+        "file://./rlhf-store",
+        description="Root URL of the object store: file://PATH (relative paths are taken from the working "
+        "directory) or s3://BUCKET/PREFIX. Credentials come from the environment, never from here.",
+    )
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, moto). Falls back to $AWS_ENDPOINT_URL."
+    )
+    checkpoints_to_keep: int = Field(2, ge=1, le=100, description="Complete checkpoints kept per stage.")
+    keep_checkpoints_after_commit: bool = Field(
+        False, description="Keep a stage's resume checkpoints once its output is complete (they hold optimizer "
+        "state, about 3x the model)."
+    )
+    lease_seconds: float = Field(
+        600.0, gt=0, description="How long a stage lock stays valid without a heartbeat (a killed holder "
+        "blocks other runs at most this long)."
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if "://" not in v:
+            v = "file://" + v
+        scheme = v.split("://", 1)[0]
+        if scheme not in ("file", "s3", "memory"):
+            raise ValueError(f"storage.root scheme {scheme!r} is not supported; use file:// or s3://")
+        return v
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+class SourceConfig(Section):
+    name: str = Field(
+        description="Adapter: a supported dataset name (e.g. 'Dahoas/rm-static'), 'local/jsonfile' "
+        "(DeepSpeed-Chat's data/train.json + data/eval.json layout) or 'files' (json/jsonl/parquet/csv with "
+        "a column mapping)."
+    )
+    path: str | None = Field(
+        None, description="Local path or store URL of the source's files. Empty: load `name` from the hub."
+    )
+    eval_path: str | None = Field(None, description="Separate eval file for 'files' sources.")
+    format: Literal["auto", "json", "jsonl", "parquet", "csv"] = Field(
+        "auto", description="File format for 'files' sources; 'auto' goes by the extension."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="For 'files': canonical column (prompt, chosen, rejected) -> column in the file.",
+    )
+    subset: str | None = Field(None, description="Hub dataset configuration name, if it has several.")
+    weight: float = Field(1.0, gt=0, description="Blending weight (sampling probability after normalising).")
+    max_rows: int | None = Field(None, ge=1, description="Use at most this many rows of the source.")
+    on_invalid: Literal["error", "drop"] = Field(
+        "error", description="A malformed row fails the stage ('error') or is dropped and counted ('drop')."
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _canonical_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = set(v) - {"prompt", "chosen", "rejected"}
+        if unknown:
+            raise ValueError(f"columns keys must be prompt, chosen, rejected; got {sorted(unknown)}")
+        return v
+
+
+class PtxConfig(Section):
+    path: str | None = Field(None, description="Plain-text corpus for the pretraining-mixture loss.")
+    block_tokens: int = Field(64, ge=8, description="Corpus is cut into blocks of this many tokens.")
+    max_blocks: int | None = Field(None, ge=1, description="Use at most this many blocks.")
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    split: tuple[int, int, int] = Field(
+        (2, 4, 4), description="Shares of each source for SFT, reward and PPO (DeepSpeed-Chat's '2,4,4')."
+    )
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out share for sources with no eval split.")
+    max_prompt_tokens: int = Field(
+        256, ge=1, description="PPO prompts longer than this (in actor tokens) are dropped and counted."
+    )
+    prompt_format: Literal["human_assistant", "chat_template"] = Field(
+        "human_assistant",
+        description="How prompts reach the models: DeepSpeed-Chat's ' Human: ... Assistant:' text, or the "
+        "actor tokenizer's chat template.",
+    )
+    blend: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted", description="Stop blending when the first source runs out, or oversample until all do."
+    )
+    seed: int = Field(1234, description="Seed for splitting and blending.")
+    ptx: PtxConfig = Field(default_factory=PtxConfig)
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _parse_split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                v = tuple(int(p) for p in v.split(","))
+            except ValueError as e:
+                raise ValueError(f"split must be three integers like '2,4,4', got {v!r}") from e
+        return v
+
+    @field_validator("split")
+    @classmethod
+    def _split_non_negative(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(p < 0 for p in v) or sum(v) == 0:
+            raise ValueError(f"split shares must be >= 0 with a positive sum, got {','.join(map(str, v))}")
+        return v
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+class ModelSpec(Section):
+    name_or_path: str | None = Field(
+        None, description="Hub name, local path, or store URL of a pretrained model."
+    )
+    architecture: dict[str, Any] | None = Field(
+        None,
+        description="Build a randomly initialised model from this transformers config (must name "
+        "model_type); used by the tiny profile and the benchmarks.",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer name or path; default: name_or_path.")
+    pad_token: str | None = Field(
+        None, description="Pad token to use when the tokenizer has none: a token string, or 'eos'."
+    )
+    init_seed: int = Field(0, description="Seed of the random initialisation (architecture models).")
+    revision: str | None = Field(None, description="Hub revision.")
+    trust_remote_code: bool = Field(False, description="Allow code from the model repository to run.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.name_or_path is None) == (self.architecture is None):
+            raise ValueError("give exactly one of name_or_path (pretrained) or architecture (from config)")
+        if self.architecture is not None and "model_type" not in self.architecture:
+            raise ValueError("architecture must contain model_type (e.g. 'opt', 'llama')")
+        if self.name_or_path is None and self.tokenizer is None:
+            raise ValueError("a model built from architecture needs an explicit tokenizer")
+        return self
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.name_or_path  # type: ignore[return-value]
+
+
+class ModelsConfig(Section):
+    actor: ModelSpec
+    reward: ModelSpec
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    only_optimize_lora: bool = Field(True, description="Freeze the base weights and train only LoRA.")
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer state to CPU.")
+    offload_params: bool = Field(False, description="ZeRO-3 parameter offload to CPU.")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_clipping: float = Field(1.0, ge=0)
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Passed through into the DeepSpeed config (deep-merged last)."
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class OptimizerConfig(Section):
+    impl: Literal["torch", "deepspeed"] = Field(
+        "torch",
+        description="'torch': torch.optim.AdamW (builds no C++ extension); 'deepspeed': DeepSpeed's "
+        "FusedAdam / CPUAdam (JIT-built; needed for ZeRO-Offload).",
+    )
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class TrainStageConfig(Section):
+    """Fields shared by the SFT and reward stages."""
+
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per process per forward.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_seq_len: int = Field(512, ge=8)
+    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
+    eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (end only if empty).")
+    log_every: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's dropout (0 disables it).")
+    seed: int = 1234
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class SFTConfig(TrainStageConfig):
+    mask_prompt: bool = Field(
+        False, description="Train only on answer tokens (DeepSpeed-Chat trains on prompt and answer)."
+    )
+    ptx_coef: float = Field(
+        0.0, ge=0, description="Mix the pretraining corpus (data.ptx) into SFT with this weight: guards a "
+        "pretrained base against forgetting, and stands in for pretraining when the actor starts from scratch."
+    )
+
+
+class RewardConfig(TrainStageConfig):
+    existing: str | None = Field(
+        None,
+        description="Use this reward output instead of training one: a key of this store (`<key>` or "
+        "`reward/<key>`, as `rlhf store ls` shows it), or the URL of a reward output folder holding manifest.json "
+        "(file://... or s3://.../reward/<key>), which is copied into this store. Empty: train the reward model.",
+    )
+
+    @field_validator("existing", mode="before")
+    @classmethod
+    def _digits_are_a_key(cls, v: Any) -> Any:
+        # An override's value is parsed as YAML: a key of only digits arrives as an int (`reward/<key>` does not).
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("existing")
+    @classmethod
+    def _key_or_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if "://" in v:
+            scheme = v.split("://", 1)[0]
+            if scheme not in ("file", "s3", "memory"):
+                raise ValueError(f"reward.existing URL scheme {scheme!r} is not supported; use file:// or s3://")
+            return v.rstrip("/")
+        if v.startswith("/"):
+            return "file://" + v.rstrip("/")
+        if not _REWARD_KEY.fullmatch(v):
+            raise ValueError(
+                f"reward.existing {v!r} is neither a reward key of this store (20 hex characters, or reward/<key>) "
+                "nor a URL of a reward output folder (file:///..., s3://...)"
+            )
+        return v.removeprefix("reward/")
+
+
+class ActorCriticTrainConfig(Section):
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = False
+    dropout: float | None = Field(0.0, ge=0, lt=1)
+
+
+class GenerationConfig(Section):
+    max_answer_len: int = Field(256, ge=1)
+    do_sample: bool = True
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class KLConfig(Section):
+    coef: float = Field(0.1, ge=0, description="Initial KL coefficient (beta).")
+    estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator (Schulman's k1/k2/k3).")
+    adaptive: bool = Field(False, description="Adapt coef towards target (Ziegler et al. 2019).")
+    target: float = Field(6.0, gt=0, description="Target KL per sequence for the adaptive controller.")
+    horizon: int = Field(10000, ge=1)
+
+
+class PPOConfig(Section):
+    epochs: int = Field(1, ge=1, description="Passes over the PPO prompts.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many PPO steps.")
+    rollout_batch_size: int = Field(16, ge=1, description="Prompts per generation batch per process.")
+    generation_batches: int = Field(1, ge=1, description="Generation batches collected per PPO step.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's experience.")
+    train_micro_batch_size: int = Field(16, ge=1, description="Experience rows per training micro-batch.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    whiten_advantages: bool = True
+    reward_clip: float = Field(5.0, gt=0, description="Clip the reward-model score to [-x, x].")
+    normalize_reward: bool = Field(False, description="Normalise scores by the reward model's stored mean/std.")
+    reward_scale: float = Field(
+        1.0, description="Multiplies the score; a negative value inverts the reward (an ablation control)."
+    )
+    actor: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig)
+    critic: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig)
+    offload_reference: bool = Field(False, description="Keep the frozen reference model on CPU between uses.")
+    offload_reward: bool = Field(False, description="Keep the frozen reward model on CPU between uses.")
+    checkpoint_every: int = Field(20, ge=1)
+    log_every: int = Field(1, ge=1)
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> "PPOConfig":
+        rows = self.rollout_batch_size * self.generation_batches
+        if rows % self.train_micro_batch_size:
+            raise ValueError(
+                f"rollout_batch_size x generation_batches ({rows}) must be a multiple of "
+                f"train_micro_batch_size ({self.train_micro_batch_size}); change one of them"
+            )
+        return self
+
+
+class EMAConfig(Section):
+    enabled: bool = True
+    beta: float = Field(0.992, ge=0, le=1, description="ema = beta * ema + (1 - beta) * actor")
+    on_cpu: bool = Field(False, description="Keep the EMA weights on CPU (saves accelerator memory).")
+
+
+class MixtureConfig(Section):
+    ptx_coef: float = Field(0.0, ge=0, description="Weight of the pretraining next-token loss in the actor update.")
+    ptx_batch_size: int = Field(8, ge=1, description="Corpus blocks per actor micro-batch.")
+
+
+class HybridEngineConfig(Section):
+    enabled: bool = Field(True, description="Fast generation path; off: plain transformers generate.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Generation weight dtype; 'auto' is bf16 on CUDA and fp32 on CPU."
+    )
+    static_cache: bool = True
+    cuda_graphs: bool = Field(True, description="Capture the decode step in a CUDA graph (CUDA only).")
+    max_batch: int = Field(512, ge=1, description="Largest generation batch (chunks above it).")
+    release_memory: bool = True
+
+
+class EvalConfig(Section):
+    gold_reward: Literal["none", "tiny_task"] = Field(
+        "none", description="A programmatic gold reward to report besides the learned one: 'tiny_task' is the "
+        "bundled task's (rlhf_core/data/tiny_task.py)."
+    )
+    num_prompts: int = Field(64, ge=1, description="Held-out PPO prompts to sample from.")
+    max_answer_len: int | None = Field(None, ge=1, description="Default: ppo.generation.max_answer_len.")
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    samples_in_report: int = Field(8, ge=0)
+    ptx_blocks: int = Field(64, ge=1, description="Corpus blocks for the pretraining perplexity.")
+    seed: int = 4321
+
+
+class ExportConfig(Section):
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class ResourcesConfig(Section):
+    device: Literal["cpu", "cuda"] = "cpu"
+    nnodes: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1)
+    launcher: Literal["inprocess", "subprocess", "torchrun", "deepspeed"] = Field(
+        "subprocess",
+        description="How a stage runs: in the Prefect worker process, as one subprocess, or N processes "
+        "through torchrun / the DeepSpeed launcher (multi-node via hostfile).",
+    )
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs.")
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = Field(None, ge=1024, le=65535, description="Default: a free port.")
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads per process.")
+    gpu_slots: int = Field(
+        0, ge=0, le=1024, description="Slots a training stage holds in Prefect's global concurrency limit "
+        "'rlhf-gpu' (sized to the machine's GPUs by `rlhf serve --gpus N`), so that concurrent runs queue instead "
+        "of oversubscribing the GPUs; usually nnodes x nproc_per_node on a shared machine. 0: no gating.",
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @model_validator(mode="after")
+    def _launcher_fits(self) -> "ResourcesConfig":
+        if self.world_size > 1 and self.launcher in ("inprocess", "subprocess"):
+            raise ValueError(
+                f"{self.world_size} processes need launcher torchrun or deepspeed, not {self.launcher!r}"
+            )
+        if self.nnodes > 1 and self.launcher == "deepspeed" and not self.hostfile:
+            raise ValueError("a multi-node deepspeed launch needs resources.hostfile")
+        return self
+
+
+class ScheduleConfig(Section):
+    """When `rlhf serve` starts the pipeline on its own; `--cron` / `--interval` on the command line win."""
+
+    cron: str | None = Field(None, description="Cron expression, e.g. '0 3 * * *' (03:00 every day).")
+    interval_seconds: float | None = Field(None, ge=60, description="Start a run every this many seconds.")
+    timezone: str = Field("UTC", description="Time zone of the cron expression (IANA name).")
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str | None) -> str | None:
+        if v is not None and len(v.split()) not in (5, 6):
+            raise ValueError(f"cron {v!r} must have 5 fields (minute hour day month weekday), e.g. '0 3 * * *'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ScheduleConfig":
+        if self.cron is not None and self.interval_seconds is not None:
+            raise ValueError("give schedule.cron or schedule.interval_seconds, not both")
+        return self
+
+
+# -------------------------------------------------------------------------------------------------- root
+
+
+class PipelineConfig(Section):
+    name: str = Field("rlhf", description="Run name prefix shown in Prefect.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig
+    models: ModelsConfig
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
+    hybrid_engine: HybridEngineConfig = Field(default_factory=HybridEngineConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        for key, coef in (("mixture.ptx_coef", self.mixture.ptx_coef), ("sft.ptx_coef", self.sft.ptx_coef)):
+            if coef > 0 and not self.data.ptx.path:
+                raise ValueError(f"{key} > 0 needs data.ptx.path (a plain-text corpus)")
+        if self.data.max_prompt_tokens + self.ppo.generation.max_answer_len > _max_positions(self.models.actor):
+            raise ValueError(
+                f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + ppo.generation.max_answer_len "
+                f"({self.ppo.generation.max_answer_len}) exceeds the actor's "
+                f"{_max_positions(self.models.actor)} positions; lower one of them"
+            )
+        return self
+
+
+def _max_positions(spec: ModelSpec) -> int:
+    arch = spec.architecture or {}
+    return int(arch.get("max_position_embeddings", 1 << 30))

@@ -1,0 +1,227 @@
+"""What every stage task shares: the store, the Prefect cache key, the store-first cache check, the stage
+lease and the GPU slots.
+
+The store is the source of truth. A task first looks for ``<stage>/<key>/manifest.json``; if it is there
+the stage is done (even if Prefect's database was wiped) and the task finishes as ``Cached`` without
+writing anything. Prefect's own cache sits on top: its key includes the output's content id, so it can
+only ever hit for an output that still exists in the store, unchanged.
+
+Otherwise the task takes the stage's lease in the store (rlhf_core/storage/lease.py), so that of several runs
+needing the same output one produces it and the others wait and then find it; a training stage then
+takes slots of the Prefect global concurrency limit ``rlhf-gpu``, so that concurrent runs queue for GPUs.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from prefect import get_run_logger
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.states import Completed, State
+
+from rlhf_core.config import ConfigError, PipelineConfig
+from rlhf_core.storage.lease import StageLease
+from rlhf_core.storage.store import Manifest, Store
+
+KeyOf = Callable[[dict[str, Any]], tuple[str, str]]  # task parameters -> (stage, key)
+GPU_LIMIT = "rlhf-gpu"  # Prefect global concurrency limit that training stages take GPU slots from
+
+
+def store_for(cfg: PipelineConfig) -> Store:
+    return Store.from_config(cfg.storage)
+
+
+def cache_key_fn(key_of: KeyOf) -> Callable[[TaskRunContext, dict[str, Any]], str | None]:
+    """A Prefect cache key that exists only while the store holds the output: ``stage-key-contentid``.
+    Without an output there is no key, so Prefect never serves a result the store no longer has."""
+
+    def fn(_ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
+        stage, key = key_of(params)
+        cid = store_for(params["cfg"]).manifest_id(stage, key)
+        return f"{stage}-{key}-{cid[:16]}" if cid else None
+
+    return fn
+
+
+def cached(manifest: Manifest, store: Store) -> State:
+    """The state a task returns for an output that is already complete in the store."""
+    get_run_logger().info("cache hit: %s is complete in the store; nothing to do", store.url_of(manifest.stage, manifest.key))
+    return Completed(name="Cached", message=f"complete in {store.url_of(manifest.stage, manifest.key)}", data=manifest)
+
+
+def producer() -> dict[str, Any]:
+    """Lineage recorded in manifests: which flow run and task run produced an output."""
+    out: dict[str, Any] = {}
+    flow_ctx, task_ctx = FlowRunContext.get(), TaskRunContext.get()
+    if flow_ctx and flow_ctx.flow_run:
+        out.update(flow_run_id=str(flow_ctx.flow_run.id), flow_run_name=flow_ctx.flow_run.name,
+                   flow_name=flow_ctx.flow.name if flow_ctx.flow else None)
+    if task_ctx and task_ctx.task_run:
+        out.update(task_run_id=str(task_ctx.task_run.id))
+    return out
+
+
+def run_once(cfg: PipelineConfig, stage: str, key: str, upstream: dict[str, Manifest],
+             run: Callable[[], Manifest], gpu_slots: int = 0) -> Manifest | State:
+    """Produce ``<stage>/<key>`` with ``run()`` unless the store has it or another run produces it.
+
+    Under the stage's lease, look for the manifest again (a run that waited for the holder finds it and is
+    Cached), else hold ``gpu_slots`` slots of ``rlhf-gpu`` and run. A run that takes over from a killed
+    holder resumes from the holder's checkpoints. Slots are taken inside the lease, never the other way
+    round: a run waiting for a lease holds no GPU (and two runs cannot deadlock on lease and slots).
+    """
+    store = store_for(cfg)
+    existing = store.read_manifest(stage, key)
+    if existing is not None:  # the common case needs no lease
+        return cached(existing, store)
+    logger = _logger()
+    lease = StageLease(store, stage, key, ttl=cfg.storage.lease_seconds, holder=producer(),
+                       upstream={s: m.key for s, m in upstream.items()}, log=logger.info)
+    with lease:
+        existing = store.read_manifest(stage, key)
+        if existing is not None:
+            return cached(existing, store)
+        with gpu_slots_held(cfg, gpu_slots):
+            manifest = run()
+    if lease.lost.is_set():
+        logger.warning("the lease on %s was lost while it ran (another run may have produced it too)", stage)
+    return manifest
+
+
+@contextmanager
+def gpu_slots_held(cfg: PipelineConfig, occupy: int) -> Iterator[None]:
+    """Hold ``occupy`` slots of the ``rlhf-gpu`` global concurrency limit (nothing when 0), creating the
+    limit, sized to this machine's GPUs, if nobody has (Prefect does not gate on a missing limit)."""
+    if occupy <= 0:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    limit = ensure_gpu_limit(None, at_least=occupy)
+    if limit < occupy:
+        raise ConfigError(
+            f"resources.gpu_slots is {occupy} but the Prefect concurrency limit {GPU_LIMIT!r} has {limit} slots, "
+            f"so this stage could never start: raise the limit (`rlhf serve --gpus {occupy}` or "
+            f"`prefect gcl update {GPU_LIMIT} --limit {occupy}`) or lower resources.gpu_slots"
+        )
+    _logger().info("taking %d slot(s) of %s (waits while other stages hold them)", occupy, GPU_LIMIT)
+    # Prefect's server takes slot leases of 60 s to 1 day; its own heartbeat renews them.
+    with concurrency(GPU_LIMIT, occupy=occupy, strict=True, lease_duration=min(max(cfg.storage.lease_seconds, 60), 86400)):
+        yield
+
+
+def ensure_gpu_limit(size: int | None, at_least: int = 1) -> int:
+    """Make the ``rlhf-gpu`` limit exist; returns its size. ``size``: set it to this many slots. None:
+    leave an existing limit as it is; create a missing one with one slot per GPU of this machine (at least
+    ``at_least``, so that a stage asking for slots on a machine without GPUs can run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        if size is not None:
+            client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, size)
+            return size
+        try:
+            return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
+        except ObjectNotFound:
+            pass
+        slots = max(_gpu_count(), at_least)
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
+            _logger().info("created the concurrency limit %s with %d slots", GPU_LIMIT, slots)
+        except ObjectAlreadyExists:  # another run created it meanwhile
+            pass
+        return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
+
+
+def _logger():
+    import logging
+
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("rlhf")
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+class StageFailed(RuntimeError):
+    """A stage worker exited with an error; the task fails (and Prefect's retry resumes it)."""
+
+
+def run_stage(cfg: PipelineConfig, stage: str, key: str, upstream: dict[str, Manifest]) -> Manifest:
+    """Run a stage's worker and return its manifest, read back from the store.
+
+    launcher inprocess: in this process (one CPU process; stages then share this process's RNG and
+    torch state, so the flow should not run two at once). Otherwise a subprocess (python, torchrun or the
+    DeepSpeed launcher) whose output streams into the Prefect run logger, whose progress lines drive a
+    progress artifact, and whose non-zero exit fails the task.
+    """
+    from rlhf_core.stages.launch import Job, command, run_job, write_job
+
+    store = store_for(cfg)
+    job = Job(stage=stage, key=key, config=cfg.model_dump(mode="json"), upstream=upstream, producer=producer())
+    if cfg.resources.launcher == "inprocess":
+        run_job(job)
+    else:
+        _stream(command(cfg, stage, write_job(store, job)), stage, cfg)
+    manifest = store.read_manifest(stage, key)
+    if manifest is None:
+        raise StageFailed(f"{stage} finished without writing {store.url_of(stage, key)}/manifest.json")
+    return manifest
+
+
+def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> None:
+    import collections
+    import json
+    import os
+    import subprocess
+
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    from rlhf_core.trainers.metrics import PROGRESS_PREFIX
+
+    logger = get_run_logger()
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.update(RLHF_PROGRESS="lines", PYTHONUNBUFFERED="1")
+    if cfg.resources.cpu_threads:
+        env["OMP_NUM_THREADS"] = str(cfg.resources.cpu_threads)
+    logger.info("launching %s: %s", stage, " ".join(cmd))
+    artifact = create_progress_artifact(0.0, description=f"{stage}: training progress")
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line.startswith(PROGRESS_PREFIX):
+                info = json.loads(line[len(PROGRESS_PREFIX):])
+                update_progress_artifact(artifact, 100.0 * info["step"] / max(info["total"], 1))
+                continue
+            if line and not _noise(line):
+                tail.append(line)
+                logger.info(line)
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0:
+        raise StageFailed(f"{stage} worker exited with code {code}; last output:\n" + "\n".join(tail))
+
+
+# A stage run in-process leaves these set; a worker must get its own from its launcher.
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _noise(line: str) -> bool:
+    """DeepSpeed's accelerator chatter and tqdm bars of model writing say nothing a user needs."""
+    return "real_accelerator.py" in line or line.startswith("Writing model shards")

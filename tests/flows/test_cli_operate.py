@@ -1,0 +1,107 @@
+"""`rlhf run` / `rlhf serve` refuse bad input before any work; deployments, their schedules and their form."""
+
+import pytest
+
+import flows.pipeline
+from flows.cli import main
+from flows.params import RunParams
+from flows.serve import build_deployments, schedules
+from rlhf_core.config import ConfigError, load_config
+
+
+@pytest.fixture
+def no_flow(monkeypatch):
+    """Fail the test if the pipeline flow is ever called: refusals must come before it."""
+    def called(*a, **k):
+        raise AssertionError("the pipeline started")
+
+    monkeypatch.setattr(flows.pipeline, "rlhf_pipeline", called)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "nope"], "unknown profile 'nope': known profiles are multi_node, single_gpu, single_node, tiny"),
+    (["--set", "ppo.kl.coef"], "override 'ppo.kl.coef' must look like key.path=value"),
+    (["--set", "ppo.kl.coef=[1"], "override 'ppo.kl.coef=[1': value is not valid YAML"),
+    (["--set", "ppo.kl.coef=lots"], "ppo.kl.coef: Input should be a valid number"),
+    (["--set", "reward.existing=file:///nowhere/reward/" + "0" * 20],
+     "there is no manifest.json at file:///nowhere/reward/" + "0" * 20 + "/manifest.json"),
+    (["--set", "reward.existing=" + "1" * 20], "holds no complete reward output"),
+    (["--set", "reward.existing=my-best-rm"], "reward.existing 'my-best-rm' is neither a reward key"),
+])
+def test_run_refuses_bad_input_before_any_work(no_flow, tmp_path, capsys, args, message):
+    root = tmp_path / "store"
+    assert main(["run", *args, "--set", f"storage.root={root}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlhf: ") and message in err
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "nope"], "unknown profile 'nope'"),
+    (["--cron", "every day"], "--cron: Invalid cron string: \"every day\""),
+    (["--cron", "a b c d e"], "--cron: Invalid cron string"),
+    (["--set", "schedule.cron=99 3 * * *"], "the profile's schedule: Invalid cron string"),
+    (["--interval", "5"], "--interval 5.0: runs of a training pipeline need at least 60 seconds"),
+    (["--set", "schedule.cron=0 3 * * *", "--set", "schedule.interval_seconds=3600"], "not both"),
+])
+def test_serve_refuses_bad_input_before_serving(monkeypatch, capsys, args, message):
+    import prefect
+
+    monkeypatch.setattr(prefect, "serve", lambda *a, **k: pytest.fail("served"))
+    assert main(["serve", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_deployments_of_every_flow_with_a_form_and_the_schedule_on_the_pipeline():
+    params = RunParams(profile="tiny", storage_root="s3://bucket/rlhf", ppo_kl_coef=0.05)
+    cfg = params.config()
+    deployments = build_deployments(params, cfg, cron="0 3 * * *")
+    assert {d.flow_name for d in deployments} == {"rlhf-pipeline", "rlhf-data", "rlhf-sft", "rlhf-reward",
+                                                   "rlhf-ppo", "rlhf-export", "rlhf-evaluate"}
+    assert {d.name for d in deployments} == {"tiny"}
+    by_flow = {d.flow_name: d for d in deployments}
+    assert by_flow["rlhf-ppo"].entrypoint == "flows.stage_flows.ppo_flow"  # a module path: any working directory
+    (schedule,) = by_flow["rlhf-pipeline"].schedules
+    assert schedule.schedule.cron == "0 3 * * *" and not by_flow["rlhf-sft"].schedules
+    assert by_flow["rlhf-sft"].parameters == {"params": {"profile": "tiny", "storage_root": "s3://bucket/rlhf",
+                                                         "ppo_kl_coef": 0.05}}
+    form = by_flow["rlhf-pipeline"]._parameter_openapi_schema.model_dump()["definitions"]["RunParams"]["properties"]
+    assert {"profile", "storage_root", "reward_existing", "ppo_max_steps", "ppo_kl_coef", "actor_name_or_path",
+            "overrides"} <= form.keys()
+    assert form["ppo_max_steps"]["anyOf"][0] == {"minimum": 1, "type": "integer"}  # typed and bounded in the UI
+
+
+def test_schedule_from_the_profile_and_the_command_line():
+    from_profile = load_config("tiny", {"schedule.interval_seconds": 3600})
+    (s,) = schedules(from_profile)
+    assert s.interval.total_seconds() == 3600 and s.timezone == "UTC"
+    (s,) = schedules(from_profile, cron="30 2 * * 1")  # the command line wins
+    assert s.cron == "30 2 * * 1" and s.interval is None
+    assert schedules(load_config("tiny")) == []
+    with pytest.raises(ConfigError, match="not both"):
+        schedules(from_profile, cron="0 3 * * *", interval=3600)
+    with pytest.raises(ConfigError, match="schedule.cron 'hourly'|cron 'hourly' must have 5 fields"):
+        load_config("tiny", {"schedule.cron": "hourly"})
+
+
+def test_typed_form_fields_map_onto_dotted_overrides():
+    p = RunParams(actor_name_or_path="facebook/opt-125m", ppo_max_steps=3, overrides={"ppo.kl.coef": 0.05})
+    assert p.all_overrides() == {"ppo.kl.coef": 0.05, "ppo.max_steps": 3, "models.actor.name_or_path": "facebook/opt-125m",
+                                 "models.actor.architecture": None, "models.actor.tokenizer": None}
+    cfg = p.config()
+    assert cfg.models.actor.name_or_path == "facebook/opt-125m" and cfg.models.actor.tokenizer_path == "facebook/opt-125m"
+    assert RunParams(ppo_kl_coef=0.05, overrides={"ppo.kl.coef": 0.05}).all_overrides() == {"ppo.kl.coef": 0.05}
+    with pytest.raises(ConfigError, match="ppo_kl_coef=0.1 and overrides\\['ppo.kl.coef'\\]=0.2 disagree"):
+        RunParams(ppo_kl_coef=0.1, overrides={"ppo.kl.coef": 0.2}).config()
+    with pytest.raises(ValueError):
+        RunParams(ppo_max_steps=0)  # the form's bounds hold outside the UI too
+
+
+def test_stage_flows_run_their_stage_and_what_it_is_made_from():
+    from rlhf_core.stages import registry as stages
+
+    assert stages.needed_for("reward") == {"data", "reward"}
+    assert stages.needed_for("ppo") == {"data", "sft", "reward", "ppo"}
+    assert stages.needed_for("evaluate") == set(stages.ORDER)
+    with pytest.raises(ValueError, match="unknown stage 'rl'; stages are data, sft"):
+        stages.needed_for("rl")

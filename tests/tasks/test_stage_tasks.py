@@ -1,0 +1,49 @@
+"""The SFT and reward tasks through Prefect: cache keys, sharing, retry-resume."""
+
+import pytest
+from prefect import flow
+
+from rlhf_core.stages import registry as stages
+from tasks.train_reward import train_reward
+from tasks.train_sft import train_sft
+from tests.conftest import tiny_config
+from tests.helpers import prepare
+
+pytestmark = pytest.mark.slow
+
+
+@flow
+def _reward(cfg, data):
+    f = train_reward.submit(cfg, data)
+    f.wait()
+    return f.state.name, f.result()
+
+
+def test_changing_only_the_actor_is_a_cache_hit_for_reward(prefect_harness, tiny_trained):
+    base, data = tiny_trained["cfg"], tiny_trained["data"]
+    other_actor = tiny_config(base.storage.root, **{
+        "models.actor.init_seed": 77, "models.actor.architecture.num_hidden_layers": 3, "sft.optimizer.lr": 1e-3})
+    assert stages.sft_key(other_actor, data) != stages.sft_key(base, data)
+    assert stages.reward_key(other_actor, data) == stages.reward_key(base, data)
+    state, manifest = _reward(other_actor, data)
+    assert state == "Cached" and manifest == tiny_trained["reward"]
+    # Negative control: a reward setting does change the key.
+    changed = tiny_config(base.storage.root, **{"reward.optimizer.lr": 5e-4})
+    assert stages.reward_key(changed, data) != stages.reward_key(base, data)
+
+
+def test_task_retry_resumes_a_killed_worker_from_its_checkpoint(prefect_harness, tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path / "store", **{"sft.max_steps": 30, "sft.checkpoint_every": 10})
+    data = prepare(cfg)
+    monkeypatch.setenv("RLHF_FAULT_KILL_AT_STEP", f"sft:25:{tmp_path / 'killed-once'}")
+
+    @flow
+    def run():
+        f = train_sft.with_options(retries=1, retry_delay_seconds=0).submit(cfg, data)
+        f.wait()
+        return f.state.name, f.result()
+
+    state, manifest = run()
+    assert (tmp_path / "killed-once").exists()  # the first attempt really was killed
+    assert state == "Completed" and manifest.metrics["steps"] == 30
+    assert manifest.metrics["resumed_from"] == [20]
