@@ -60,7 +60,11 @@ def main() -> None:
     from rlhf_core.models.causal_lm import build_causal_lm
     from rlhf_core.models.lora import for_training
     from rlhf_core.models.reward_model import build_reward_model
-    from rlhf_core.trainers.ppo import Models, Timer, _frozen, make_experience, update
+    from rlhf_core.config.views import PPOSettings
+    from rlhf_core.models.reward_model import RewardMeta
+    from rlhf_core.trainers.experience import Models, frozen_model, make_experience
+    from rlhf_core.trainers.metrics import Timer
+    from rlhf_core.trainers.ppo import update
 
     tiny = args.actor == "tiny"
     prompt, answer = (16, 16) if tiny else (PROMPT, ANSWER)
@@ -97,7 +101,7 @@ def main() -> None:
             return build_causal_lm(ModelSpec(architecture=arch, tokenizer="stub"), SizeTok(), dtype=dtype)
 
     # As PPO sets it up: beside a ZeRO-3 actor the reference is a ZeRO-3 engine with offloaded partitions.
-    ref, ref_offloaded = _frozen(load_ref, ppo.actor.deepspeed, ppo.offload_reference, args.batch, dist)
+    ref, ref_offloaded = frozen_model(load_ref, ppo.actor.deepspeed, ppo.offload_reference, args.batch, dist)
     with torch.device(dist.device):
         critic = build_reward_model(ModelSpec(architecture=critic_arch, tokenizer="stub"), SizeTok(), dropout=0.0)
         reward = build_reward_model(ModelSpec(architecture=critic_arch, tokenizer="stub"), SizeTok(),
@@ -106,7 +110,8 @@ def main() -> None:
                           ppo.critic.optimizer, 10)
     setup_s = time.perf_counter() - t0
     tok = StubTokenizer()
-    m = Models(actor_e, critic_e, ref, reward, None, tok, tok, ref_offloaded, False)
+    m = Models(actor_e, critic_e, ref, reward, None, tok, tok, RewardMeta(score_mean=0.0, score_std=1.0, max_seq_len=PROMPT + ANSWER + 1, prompt_format="human_assistant", eval_accuracy=0.5),
+               ref_offloaded, False)
     hybrid = HybridEngine(actor_e, tok, ppo.generation, cfg.hybrid_engine)
     scorer = RewardScorer(reward, tok, tok, "human_assistant", prompt + answer + 1, dist.device)
     ids = torch.randint(3, 50272, (args.batch, prompt), device=dist.device)
@@ -121,8 +126,8 @@ def main() -> None:
         with timer("generate"):
             rollout = hybrid.generate(ids, mask)
         gen_peak = _peak_gib(dist.device)
-        exp, _ = make_experience(m, scorer, rollout, [""] * args.batch, cfg, 0.1, (0.0, 1.0), timer)
-        update(m, exp, cfg, step, None, timer)
+        exp, _ = make_experience(m, scorer, rollout, [""] * args.batch, cfg.ppo, 0.1, timer)
+        update(m, exp, PPOSettings.from_config(cfg), step, None, timer)
         if dist.device.type == "cuda":
             torch.cuda.synchronize()
         result = {"actor": args.actor, "actor_params_b": n_params / 1e9, "batch": args.batch,

@@ -90,7 +90,11 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
     from rlhf_core.models.causal_lm import build_causal_lm
     from rlhf_core.models.reward_model import build_reward_model
     from rlhf_core.config import ModelSpec
-    from rlhf_core.trainers.ppo import Models, Timer, make_experience, update
+    from rlhf_core.config.views import PPOSettings
+    from rlhf_core.models.reward_model import RewardMeta
+    from rlhf_core.trainers.experience import Models, make_experience
+    from rlhf_core.trainers.metrics import Timer
+    from rlhf_core.trainers.ppo import update
 
     dist = init_distributed("cuda")
     tok = StubTokenizer()
@@ -123,7 +127,8 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
     critic_e = initialize(critic, build_ds_config(ppo.critic.deepspeed, ppo.critic.optimizer, micro, 1, 1),
                           ppo.critic.optimizer, updates)
     print(f"engines ready at {time.perf_counter() - t_setup:.1f}s", file=sys.stderr, flush=True)
-    m = Models(actor_e, critic_e, ref.requires_grad_(False), reward.requires_grad_(False), None, tok, tok)
+    m = Models(actor_e, critic_e, ref.requires_grad_(False), reward.requires_grad_(False), None, tok, tok,
+               RewardMeta(score_mean=0.0, score_std=1.0, max_seq_len=PROMPT + ANSWER + 1, prompt_format="human_assistant", eval_accuracy=0.5))
     hybrid = HybridEngine(actor_e, tok, ppo.generation, cfg.hybrid_engine)
     scorer = RewardScorer(reward, tok, tok, "human_assistant", PROMPT + ANSWER + 1, dist.device)
     ids = torch.randint(3, 50272, (batch, PROMPT), device=dist.device)
@@ -136,9 +141,9 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
         t0 = time.perf_counter()
         with timer("generate"):
             rollout = hybrid.generate(ids, mask)
-        exp, _ = make_experience(m, scorer, rollout, prompts, cfg, 0.1, (0.0, 1.0), timer)
+        exp, _ = make_experience(m, scorer, rollout, prompts, cfg.ppo, 0.1, timer)
         t1 = time.perf_counter()
-        update(m, exp, cfg, step, None, timer)
+        update(m, exp, PPOSettings.from_config(cfg), step, None, timer)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         assert int(rollout.response_mask.sum()) == batch * ANSWER

@@ -13,7 +13,10 @@ import argparse
 import json
 import os
 import sys
+import typing
 from typing import Any
+
+from rlhf_core.config.schema import PromptFormat
 
 
 def _params(args: argparse.Namespace):
@@ -81,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_profile(sub.add_parser("config", help="print the validated config")).set_defaults(fn=cmd_config)
     chat = sub.add_parser("chat", help="chat with a trained actor")
     chat.add_argument("--model", required=True, help="path or store URL of a model folder (e.g. <root>/export/<key>/final)")
-    chat.add_argument("--style", choices=["human_assistant", "chat_template"], default="human_assistant",
+    chat.add_argument("--style", choices=typing.get_args(PromptFormat), default="human_assistant",
                       help="DeepSpeed-Chat's Human/Assistant text, or the tokenizer's chat template")
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

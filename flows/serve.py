@@ -74,7 +74,7 @@ def cmd_serve(args: argparse.Namespace, make_params: Callable[[argparse.Namespac
     from prefect import serve
 
     from rlhf_core.stages.existing import existing_reward
-    from tasks.runner import GPU_LIMIT, _gpu_count, ensure_gpu_limit
+    from tasks.runner import GPU_LIMIT, gpu_count, ensure_gpu_limit
 
     params = make_params(args)
     cfg = params.config()  # a bad profile or override is refused before anything is served
@@ -85,8 +85,8 @@ def cmd_serve(args: argparse.Namespace, make_params: Callable[[argparse.Namespac
     deployments = build_deployments(params, cfg, args.cron, args.interval)
     if args.gpus is not None:
         print(f"{GPU_LIMIT}: {ensure_gpu_limit(args.gpus)} slots")
-    elif _gpu_count() > 0:
-        print(f"{GPU_LIMIT}: {ensure_gpu_limit(None, at_least=_gpu_count())} slots")
+    elif gpu_count() > 0:
+        print(f"{GPU_LIMIT}: {ensure_gpu_limit(None, at_least=gpu_count())} slots")
     serve(*deployments, limit=args.limit)
     return 0
 

@@ -12,37 +12,37 @@ from flows.pipeline import run_pipeline
 from rlhf_core.stages import registry as stages
 
 
-@flow(name="rlhf-data", flow_run_name=lambda: flow_run_name("data"))
+@flow(name="rlhf-data", flow_run_name=lambda: flow_run_name(stages.DATA))
 def data_flow(params: RunParams = RunParams()) -> dict[str, Any]:
     """Step 0: unify, blend and split the profile's data sources into Arrow datasets in the store."""
     return run_pipeline(params, until=stages.DATA)
 
 
-@flow(name="rlhf-sft", flow_run_name=lambda: flow_run_name("sft"))
+@flow(name="rlhf-sft", flow_run_name=lambda: flow_run_name(stages.SFT))
 def sft_flow(params: RunParams = RunParams()) -> dict[str, Any]:
     """Data, then step 1: the SFT actor."""
     return run_pipeline(params, until=stages.SFT)
 
 
-@flow(name="rlhf-reward", flow_run_name=lambda: flow_run_name("reward"))
+@flow(name="rlhf-reward", flow_run_name=lambda: flow_run_name(stages.REWARD))
 def reward_flow(params: RunParams = RunParams()) -> dict[str, Any]:
     """Data, then step 2: the reward model (or reward.existing)."""
     return run_pipeline(params, until=stages.REWARD)
 
 
-@flow(name="rlhf-ppo", flow_run_name=lambda: flow_run_name("ppo"))
+@flow(name="rlhf-ppo", flow_run_name=lambda: flow_run_name(stages.PPO))
 def ppo_flow(params: RunParams = RunParams()) -> dict[str, Any]:
     """Data, SFT and reward, then step 3: PPO."""
     return run_pipeline(params, until=stages.PPO)
 
 
-@flow(name="rlhf-export", flow_run_name=lambda: flow_run_name("export"))
+@flow(name="rlhf-export", flow_run_name=lambda: flow_run_name(stages.EXPORT))
 def export_flow(params: RunParams = RunParams()) -> dict[str, Any]:
     """Everything up to PPO, then the exported final and EMA actors."""
     return run_pipeline(params, until=stages.EXPORT)
 
 
-@flow(name="rlhf-evaluate", flow_run_name=lambda: flow_run_name("evaluate"))
+@flow(name="rlhf-evaluate", flow_run_name=lambda: flow_run_name(stages.EVALUATE))
 def evaluate_flow(params: RunParams = RunParams()) -> dict[str, Any]:
     """The whole pipeline under the evaluation stage's name (same as rlhf-pipeline)."""
     return run_pipeline(params, until=stages.EVALUATE)

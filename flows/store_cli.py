@@ -5,7 +5,7 @@
     rlhf store gc --keep N [--dry-run]          remove what the N most recent results do not refer to
 
 The store is the profile's ``storage.root`` (``--profile``, ``--set storage.root=...``) or ``--root URL``.
-The logic is in rlhf_core/storage/lineage.py.
+The logic is in rlhf_core/stages/lineage.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Callable
 
-from rlhf_core.storage import lineage
+from rlhf_core.stages import lineage
 from rlhf_core.storage.store import Store
 
 

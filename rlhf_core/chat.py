@@ -10,21 +10,18 @@ tokenizer's chat template.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+from rlhf_core.config.schema import PromptFormat
 from rlhf_core.data.formats import from_messages
 from rlhf_core.models.causal_lm import load_causal_lm
 from rlhf_core.models.tokenizers import load_saved_tokenizer
 
-Style = Literal["human_assistant", "chat_template"]
-
-
 @dataclass
 class Chat:
     model_ref: str  # local path or store URL of an HF folder (an export, or any causal LM)
-    style: Style = "human_assistant"
+    style: PromptFormat = "human_assistant"
     max_new_tokens: int = 128
     do_sample: bool = False
     temperature: float = 1.0

@@ -21,10 +21,10 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import Completed, State
 
 from rlhf_core.config import ConfigError, PipelineConfig
+from rlhf_core.stages import registry
 from rlhf_core.storage.lease import StageLease
-from rlhf_core.storage.store import Manifest, Store
+from rlhf_core.storage.store import Manifest, Store, hash_key
 
-KeyOf = Callable[[dict[str, Any]], tuple[str, str]]  # task parameters -> (stage, key)
 GPU_LIMIT = "rlhf-gpu"  # Prefect global concurrency limit that training stages take GPU slots from
 
 
@@ -32,14 +32,21 @@ def store_for(cfg: PipelineConfig) -> Store:
     return Store.from_config(cfg.storage)
 
 
-def cache_key_fn(key_of: KeyOf) -> Callable[[TaskRunContext, dict[str, Any]], str | None]:
-    """A Prefect cache key that exists only while the store holds the output: ``stage-key-contentid``.
-    Without an output there is no key, so Prefect never serves a result the store no longer has."""
+def inputs_of(stage: str, params: dict[str, Any]) -> dict[str, Manifest]:
+    """The upstream manifests among a stage task's parameters (named after the stages they come from)."""
+    return {up: params[up] for up in registry.stage(stage).inputs}
+
+
+def cache_key_fn(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str | None]:
+    """A Prefect cache key that exists only while the store holds the output: ``stage-key-contentid-store``.
+    Without an output there is no key, so Prefect never serves a result the store no longer has; the store's
+    URL is part of it, since equal keys in two stores are two outputs (two manifests)."""
 
     def fn(_ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
-        stage, key = key_of(params)
-        cid = store_for(params["cfg"]).manifest_id(stage, key)
-        return f"{stage}-{key}-{cid[:16]}" if cid else None
+        key = registry.key(stage, params["cfg"], inputs_of(stage, params))
+        store = store_for(params["cfg"])
+        cid = store.manifest_id(stage, key)
+        return f"{stage}-{key}-{cid[:16]}-{hash_key(store.url)[:8]}" if cid else None
 
     return fn
 
@@ -48,6 +55,11 @@ def cached(manifest: Manifest, store: Store) -> State:
     """The state a task returns for an output that is already complete in the store."""
     get_run_logger().info("cache hit: %s is complete in the store; nothing to do", store.url_of(manifest.stage, manifest.key))
     return Completed(name="Cached", message=f"complete in {store.url_of(manifest.stage, manifest.key)}", data=manifest)
+
+
+def manifest_of(result: Manifest | State) -> Manifest:
+    """The manifest a stage task returns, whether it ran (a Manifest) or found its output (a Cached state)."""
+    return result if isinstance(result, Manifest) else result.result()
 
 
 def producer() -> dict[str, Any]:
@@ -127,7 +139,7 @@ def ensure_gpu_limit(size: int | None, at_least: int = 1) -> int:
             return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
         except ObjectNotFound:
             pass
-        slots = max(_gpu_count(), at_least)
+        slots = max(gpu_count(), at_least)
         try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
             _logger().info("created the concurrency limit %s with %d slots", GPU_LIMIT, slots)
@@ -147,7 +159,7 @@ def _logger():
         return logging.getLogger("rlhf")
 
 
-def _gpu_count() -> int:
+def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count()
@@ -157,47 +169,50 @@ class StageFailed(RuntimeError):
     """A stage worker exited with an error; the task fails (and Prefect's retry resumes it)."""
 
 
-def run_stage(cfg: PipelineConfig, stage: str, key: str, upstream: dict[str, Manifest]) -> Manifest:
-    """Run a stage's worker and return its manifest, read back from the store.
+def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest], gpu_slots: int = 0) -> Manifest | State:
+    """Produce ``stage``'s output for ``cfg`` from its inputs, once (``run_once``), and return its manifest.
 
-    launcher inprocess: in this process (one CPU process; stages then share this process's RNG and
-    torch state, so the flow should not run two at once). Otherwise a subprocess (python, torchrun or the
-    DeepSpeed launcher) whose output streams into the Prefect run logger, whose progress lines drive a
-    progress artifact, and whose non-zero exit fails the task.
+    A stage that runs inside its task (data, export) runs here. A worker stage runs in this process with
+    ``launcher: inprocess`` (one CPU process; stages then share its RNG and torch state, so the flow should
+    not run two at once), otherwise as a subprocess (python, torchrun or the DeepSpeed launcher) whose output
+    streams into the Prefect run logger, whose progress lines drive a progress artifact, and whose non-zero
+    exit fails the task. Either way the stage sees only its settings view (``make_job``).
     """
-    from rlhf_core.stages.launch import Job, command, run_job, write_job
+    from rlhf_core.stages.launch import command, make_job, run_job, write_job
 
+    key = registry.key(stage, cfg, upstream)
     store = store_for(cfg)
-    job = Job(stage=stage, key=key, config=cfg.model_dump(mode="json"), upstream=upstream, producer=producer())
-    if cfg.resources.launcher == "inprocess":
-        run_job(job)
-    else:
-        _stream(command(cfg, stage, write_job(store, job)), stage, cfg)
-    manifest = store.read_manifest(stage, key)
-    if manifest is None:
-        raise StageFailed(f"{stage} finished without writing {store.url_of(stage, key)}/manifest.json")
-    return manifest
+
+    def run() -> Manifest:
+        job = make_job(cfg, stage, key, upstream, producer())
+        if not registry.stage(stage).worker or cfg.resources.launcher == "inprocess":
+            run_job(job)
+        else:
+            _stream(command(cfg.resources, stage, write_job(store, job)), stage, cfg)
+        manifest = store.read_manifest(stage, key)
+        if manifest is None:
+            raise StageFailed(f"{stage} finished without writing {store.url_of(stage, key)}/manifest.json")
+        return manifest
+
+    return run_once(cfg, stage, key, upstream, run, gpu_slots=gpu_slots)
 
 
 def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> None:
     import collections
     import json
-    import os
     import subprocess
 
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+    from rlhf_core.stages.launch import worker_env
     from rlhf_core.trainers.metrics import PROGRESS_PREFIX
 
     logger = get_run_logger()
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(RLHF_PROGRESS="lines", PYTHONUNBUFFERED="1")
-    if cfg.resources.cpu_threads:
-        env["OMP_NUM_THREADS"] = str(cfg.resources.cpu_threads)
     logger.info("launching %s: %s", stage, " ".join(cmd))
     artifact = create_progress_artifact(0.0, description=f"{stage}: training progress")
     tail: collections.deque[str] = collections.deque(maxlen=30)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env=worker_env(cfg.resources.cpu_threads))
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -216,10 +231,6 @@ def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> None:
         raise
     if code != 0:
         raise StageFailed(f"{stage} worker exited with code {code}; last output:\n" + "\n".join(tail))
-
-
-# A stage run in-process leaves these set; a worker must get its own from its launcher.
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _noise(line: str) -> bool:

@@ -2,47 +2,43 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from rlhf_core.stages import registry as stages
 from rlhf_core.config import PipelineConfig
-from rlhf_core.data.prepare import run_data_stage
-from rlhf_core.stages.launch import Job, command, write_job
+from rlhf_core.stages import registry
+from rlhf_core.stages.launch import command, make_job, run_job, worker_env, write_job
 from rlhf_core.storage.store import Manifest, Store
-from tasks.runner import _DIST_ENV
-
-KEYS = {
-    stages.SFT: lambda cfg, up: stages.sft_key(cfg, up[stages.DATA]),
-    stages.REWARD: lambda cfg, up: stages.reward_key(cfg, up[stages.DATA]),
-    stages.PPO: lambda cfg, up: stages.ppo_key(cfg, up[stages.DATA], up[stages.SFT], up[stages.REWARD]),
-}
 
 
 def prepare(cfg: PipelineConfig) -> Manifest:
-    return run_data_stage(cfg, Store.from_config(cfg.storage))
+    """The data stage, in this process (as its task runs it)."""
+    return run_stage_here(cfg, registry.DATA, {})
+
+
+def run_stage_here(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest]) -> Manifest:
+    """Run a stage in this process (the worker's code path without a subprocess) and return its manifest."""
+    run_job(make_job(cfg, stage, registry.key(stage, cfg, upstream), upstream))
+    return output(cfg, stage, upstream)
 
 
 def worker(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest], fault: str | None = None,
            timeout: float = 900) -> subprocess.CompletedProcess:
     """Run one stage as `python -m rlhf_core.stages.launch` (or torchrun, per cfg.resources) and wait."""
     store = Store.from_config(cfg.storage)
-    key = KEYS[stage](cfg, upstream)
-    url = write_job(store, Job(stage=stage, key=key, config=cfg.model_dump(mode="json"), upstream=upstream))
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-    env.update(RLHF_PROGRESS="lines", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    url = write_job(store, make_job(cfg, stage, registry.key(stage, cfg, upstream), upstream))
+    env = worker_env(cpu_threads=1)
     if fault:
         env["RLHF_FAULT_KILL_AT_STEP"] = fault
-    return subprocess.run(command(cfg, stage, url), env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=Path(__file__).resolve().parent.parent)
+    return subprocess.run(command(cfg.resources, stage, url), env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
 
 
 def output(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest]) -> Manifest | None:
-    return Store.from_config(cfg.storage).read_manifest(stage, KEYS[stage](cfg, upstream))
+    return Store.from_config(cfg.storage).read_manifest(stage, registry.key(stage, cfg, upstream))
 
 
 def weights(cfg: PipelineConfig, manifest: Manifest, rel: str = "model/model.safetensors") -> dict[str, torch.Tensor]:
@@ -64,13 +60,14 @@ def copy_trained(tiny_trained: dict, root: Path) -> PipelineConfig:
     import shutil
 
     src = Path(Store.from_config(tiny_trained["cfg"].storage).root)
-    for stage in (stages.DATA, stages.SFT, stages.REWARD):
+    for stage in (registry.DATA, registry.SFT, registry.REWARD):
         shutil.copytree(src / stage, root / stage)
     return root
 
 
 def evaluate_actor(cfg: PipelineConfig, tiny: dict, actor_path: str | None):
     """Sample the held-out prompts from an actor (None: the SFT model) the way the evaluate stage does."""
+    from rlhf_core.config.views import EvaluateSettings
     from rlhf_core.data.prepare import load_split
     from rlhf_core.stages.evaluate import sample_model
     from rlhf_core.trainers.experience import RewardScorer, tokenize_prompts
@@ -90,7 +87,7 @@ def evaluate_actor(cfg: PipelineConfig, tiny: dict, actor_path: str | None):
     sft = load_causal_lm(sft_path).eval()
     model = load_causal_lm(actor_path).eval() if actor_path else sft
     s = sample_model(model, sft, tok, scorer, prompts, tokenize_prompts(prompts, tok, cfg.data.prompt_format),
-                     cfg, torch.device("cpu"), blocks)
+                     EvaluateSettings.from_config(cfg), torch.device("cpu"), blocks)
     n = len(s.gold)
     return {"gold": sum(s.gold) / n, "kl": sum(s.kl) / n, "ppl": s.ptx_perplexity, "score": sum(s.scores) / n}
 

@@ -22,6 +22,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+# How prompts reach the models: DeepSpeed-Chat's " Human: ... Assistant:" text, or the tokenizer's chat template.
+PromptFormat = Literal["human_assistant", "chat_template"]
+# The config's precision names; rlhf_core.models.loading maps them to torch dtypes.
+Precision = Literal["fp32", "bf16", "fp16"]
+# A field whose value names files (a path or URL): cache keys hold the files' content, not the name, so the
+# same bytes elsewhere give the same key and changed bytes at the same place give a new one
+# (rlhf_core/stages/registry.py). Hub names are keyed by name and the hub's revision.
+CONTENT_KEYED = {"keyed_by": "content"}
+
+
 # ----------------------------------------------------------------------------------------------- storage
 
 
@@ -65,9 +75,12 @@ class SourceConfig(Section):
         "a column mapping)."
     )
     path: str | None = Field(
-        None, description="Local path or store URL of the source's files. Empty: load `name` from the hub."
+        None, description="Local path or store URL of the source's files. Empty: load `name` from the hub.",
+        json_schema_extra=CONTENT_KEYED,
     )
-    eval_path: str | None = Field(None, description="Separate eval file for 'files' sources.")
+    eval_path: str | None = Field(None, description="A separate eval file (instead of the layout's own eval "
+                                  "split, or of carving data.eval_fraction out of train); needs path.",
+                                  json_schema_extra=CONTENT_KEYED)
     format: Literal["auto", "json", "jsonl", "parquet", "csv"] = Field(
         "auto", description="File format for 'files' sources; 'auto' goes by the extension."
     )
@@ -82,6 +95,12 @@ class SourceConfig(Section):
         "error", description="A malformed row fails the stage ('error') or is dropped and counted ('drop')."
     )
 
+    @model_validator(mode="after")
+    def _eval_path_needs_path(self) -> "SourceConfig":
+        if self.eval_path and not self.path:
+            raise ValueError("eval_path needs path: a source loaded from the hub uses the hub's eval split")
+        return self
+
     @field_validator("columns")
     @classmethod
     def _canonical_columns(cls, v: dict[str, str]) -> dict[str, str]:
@@ -92,13 +111,14 @@ class SourceConfig(Section):
 
 
 class PtxConfig(Section):
-    path: str | None = Field(None, description="Plain-text corpus for the pretraining-mixture loss.")
+    path: str | None = Field(None, description="Plain-text corpus for the pretraining-mixture loss.",
+                             json_schema_extra=CONTENT_KEYED)
     block_tokens: int = Field(64, ge=8, description="Corpus is cut into blocks of this many tokens.")
     max_blocks: int | None = Field(None, ge=1, description="Use at most this many blocks.")
 
 
 class DataConfig(Section):
-    sources: list[SourceConfig] = Field(min_length=1)
+    sources: list[SourceConfig] = Field(min_length=1, description="The datasets to unify, split and blend.")
     split: tuple[int, int, int] = Field(
         (2, 4, 4), description="Shares of each source for SFT, reward and PPO (DeepSpeed-Chat's '2,4,4')."
     )
@@ -106,7 +126,7 @@ class DataConfig(Section):
     max_prompt_tokens: int = Field(
         256, ge=1, description="PPO prompts longer than this (in actor tokens) are dropped and counted."
     )
-    prompt_format: Literal["human_assistant", "chat_template"] = Field(
+    prompt_format: PromptFormat = Field(
         "human_assistant",
         description="How prompts reach the models: DeepSpeed-Chat's ' Human: ... Assistant:' text, or the "
         "actor tokenizer's chat template.",
@@ -115,7 +135,7 @@ class DataConfig(Section):
         "first_exhausted", description="Stop blending when the first source runs out, or oversample until all do."
     )
     seed: int = Field(1234, description="Seed for splitting and blending.")
-    ptx: PtxConfig = Field(default_factory=PtxConfig)
+    ptx: PtxConfig = Field(default_factory=PtxConfig, description="The pretraining corpus (PPO-ptx, SFT mixture).")
 
     @field_validator("split", mode="before")
     @classmethod
@@ -140,14 +160,15 @@ class DataConfig(Section):
 
 class ModelSpec(Section):
     name_or_path: str | None = Field(
-        None, description="Hub name, local path, or store URL of a pretrained model."
+        None, description="Hub name, local path, or store URL of a pretrained model.", json_schema_extra=CONTENT_KEYED
     )
     architecture: dict[str, Any] | None = Field(
         None,
         description="Build a randomly initialised model from this transformers config (must name "
         "model_type); used by the tiny profile and the benchmarks.",
     )
-    tokenizer: str | None = Field(None, description="Tokenizer name or path; default: name_or_path.")
+    tokenizer: str | None = Field(None, description="Tokenizer name or path; default: name_or_path.",
+                                  json_schema_extra=CONTENT_KEYED)
     pad_token: str | None = Field(
         None, description="Pad token to use when the tokenizer has none: a token string, or 'eos'."
     )
@@ -171,25 +192,27 @@ class ModelSpec(Section):
 
 
 class ModelsConfig(Section):
-    actor: ModelSpec
-    reward: ModelSpec
+    actor: ModelSpec = Field(description="The policy: SFT trains it, PPO improves it, the reference is a frozen copy.")
+    reward: ModelSpec = Field(description="The reward model's base; PPO's critic starts from the trained reward model.")
 
 
 class LoraConfig(Section):
-    enabled: bool = False
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    enabled: bool = Field(False, description="Train low-rank adapters (peft) instead of, or beside, the weights.")
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0, description="Adapter scaling numerator: the update is alpha / r * B @ A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
+                                      description="Names of the linear layers that get adapters.")
     only_optimize_lora: bool = Field(True, description="Freeze the base weights and train only LoRA.")
 
 
 class DeepSpeedConfig(Section):
-    zero_stage: Literal[0, 1, 2, 3] = 0
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0, description="ZeRO stage: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters partitioned over ranks.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer state to CPU.")
     offload_params: bool = Field(False, description="ZeRO-3 parameter offload to CPU.")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    gradient_clipping: float = Field(1.0, ge=0)
+    precision: Precision = Field("fp32", description="Training precision (bf16 on Ampere and newer GPUs).")
+    gradient_clipping: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Passed through into the DeepSpeed config (deep-merged last)."
     )
@@ -209,31 +232,32 @@ class OptimizerConfig(Section):
         description="'torch': torch.optim.AdamW (builds no C++ extension); 'deepspeed': DeepSpeed's "
         "FusedAdam / CPUAdam (JIT-built; needed for ZeRO-Offload).",
     )
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases and norms).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warm-up, over the stage's optimizer steps.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to lr over this many steps.")
 
 
 class TrainStageConfig(Section):
     """Fields shared by the SFT and reward stages."""
 
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="Passes over the stage's training split.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per process per forward.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_seq_len: int = Field(512, ge=8)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_seq_len: int = Field(512, ge=8, description="Prompt + answer tokens kept per sequence (longer ones are cut).")
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
     eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations (end only if empty).")
-    log_every: int = Field(1, ge=1)
-    gradient_checkpointing: bool = False
+    log_every: int = Field(1, ge=1, description="Optimizer steps between rows of the metric history.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward (less memory).")
     dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's dropout (0 disables it).")
-    seed: int = 1234
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    seed: int = Field(1234, description="Seed of the batch order and of dropout.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer and LR schedule.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="The DeepSpeed engine.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
 
 
 class SFTConfig(TrainStageConfig):
@@ -282,19 +306,26 @@ class RewardConfig(TrainStageConfig):
 
 
 class ActorCriticTrainConfig(Section):
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    gradient_checkpointing: bool = False
-    dropout: float | None = Field(0.0, ge=0, lt=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer and LR schedule.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="The DeepSpeed engine.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward (less memory).")
+    dropout: float | None = Field(0.0, ge=0, lt=1, description="Override the model's dropout (0 disables it; "
+                                  "empty keeps the model's own).")
 
 
 class GenerationConfig(Section):
-    max_answer_len: int = Field(256, ge=1)
-    do_sample: bool = True
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k.")
-    top_p: float = Field(1.0, gt=0, le=1)
+    max_answer_len: int = Field(256, ge=1, description="New tokens per answer at most.")
+    do_sample: bool = Field(True, description="Sample answers (off: greedy).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0 disables top-k.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Sample among the likeliest tokens holding this mass.")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature log-probs of sampled answers are computed at: the sampling temperature when
+        sampling (so they describe the distribution the answers came from), 1 when greedy."""
+        return self.temperature if self.do_sample else 1.0
 
 
 class KLConfig(Section):
@@ -302,7 +333,7 @@ class KLConfig(Section):
     estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator (Schulman's k1/k2/k3).")
     adaptive: bool = Field(False, description="Adapt coef towards target (Ziegler et al. 2019).")
     target: float = Field(6.0, gt=0, description="Target KL per sequence for the adaptive controller.")
-    horizon: int = Field(10000, ge=1)
+    horizon: int = Field(10000, ge=1, description="Adaptive controller horizon (rollouts per full correction).")
 
 
 class PPOConfig(Section):
@@ -312,25 +343,25 @@ class PPOConfig(Section):
     generation_batches: int = Field(1, ge=1, description="Generation batches collected per PPO step.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's experience.")
     train_micro_batch_size: int = Field(16, ge=1, description="Experience rows per training micro-batch.")
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    kl: KLConfig = Field(default_factory=KLConfig)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    clip_range: float = Field(0.2, gt=0)
-    clip_range_value: float = Field(0.2, gt=0)
-    whiten_advantages: bool = True
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Rollout sampling.")
+    kl: KLConfig = Field(default_factory=KLConfig, description="The KL penalty against the reference model.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per answer token (GAE).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: 1 Monte-Carlo returns, 0 one-step TD.")
+    clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
+    clip_range_value: float = Field(0.2, gt=0, description="Value clip around the rollout's values.")
+    whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 over all ranks.")
     reward_clip: float = Field(5.0, gt=0, description="Clip the reward-model score to [-x, x].")
     normalize_reward: bool = Field(False, description="Normalise scores by the reward model's stored mean/std.")
     reward_scale: float = Field(
         1.0, description="Multiplies the score; a negative value inverts the reward (an ablation control)."
     )
-    actor: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig)
-    critic: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig)
+    actor: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig, description="Training the actor.")
+    critic: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig, description="Training the critic.")
     offload_reference: bool = Field(False, description="Keep the frozen reference model on CPU between uses.")
     offload_reward: bool = Field(False, description="Keep the frozen reward model on CPU between uses.")
-    checkpoint_every: int = Field(20, ge=1)
-    log_every: int = Field(1, ge=1)
-    seed: int = 1234
+    checkpoint_every: int = Field(20, ge=1, description="PPO steps between checkpoints.")
+    log_every: int = Field(1, ge=1, description="PPO steps between rows of the metric history.")
+    seed: int = Field(1234, description="Seed of the prompt order, minibatch order and sampling.")
 
     @model_validator(mode="after")
     def _micro_batch_divides(self) -> "PPOConfig":
@@ -344,7 +375,7 @@ class PPOConfig(Section):
 
 
 class EMAConfig(Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Keep an exponential moving average of the actor (exported as 'ema').")
     beta: float = Field(0.992, ge=0, le=1, description="ema = beta * ema + (1 - beta) * actor")
     on_cpu: bool = Field(False, description="Keep the EMA weights on CPU (saves accelerator memory).")
 
@@ -365,35 +396,38 @@ class HybridEngineConfig(Section):
     release_memory: bool = True
 
 
+GoldReward = Literal["none", "tiny_task"]
+
+
 class EvalConfig(Section):
-    gold_reward: Literal["none", "tiny_task"] = Field(
+    gold_reward: GoldReward = Field(
         "none", description="A programmatic gold reward to report besides the learned one: 'tiny_task' is the "
         "bundled task's (rlhf_core/data/tiny_task.py)."
     )
     num_prompts: int = Field(64, ge=1, description="Held-out PPO prompts to sample from.")
     max_answer_len: int | None = Field(None, ge=1, description="Default: ppo.generation.max_answer_len.")
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    samples_in_report: int = Field(8, ge=0)
+    do_sample: bool = Field(False, description="Sample the evaluation answers (off: greedy).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature when do_sample.")
+    samples_in_report: int = Field(8, ge=0, description="Prompts shown with every model's answer in report.md.")
     ptx_blocks: int = Field(64, ge=1, description="Corpus blocks for the pretraining perplexity.")
-    seed: int = 4321
+    seed: int = Field(4321, description="Sampling seed; every model samples with the same one.")
 
 
 class ExportConfig(Section):
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Precision = Field("fp32", description="Weight dtype of the exported final and EMA actors.")
 
 
 class ResourcesConfig(Section):
-    device: Literal["cpu", "cuda"] = "cpu"
-    nnodes: int = Field(1, ge=1)
-    nproc_per_node: int = Field(1, ge=1)
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where stages compute.")
+    nnodes: int = Field(1, ge=1, description="Machines a training stage runs on.")
+    nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs) per machine.")
     launcher: Literal["inprocess", "subprocess", "torchrun", "deepspeed"] = Field(
         "subprocess",
         description="How a stage runs: in the Prefect worker process, as one subprocess, or N processes "
         "through torchrun / the DeepSpeed launcher (multi-node via hostfile).",
     )
     hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs.")
-    master_addr: str = "127.0.0.1"
+    master_addr: str = Field("127.0.0.1", description="Address of rank 0 for torch.distributed.")
     master_port: int | None = Field(None, ge=1024, le=65535, description="Default: a free port.")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads per process.")
     gpu_slots: int = Field(
@@ -442,20 +476,22 @@ class ScheduleConfig(Section):
 
 
 class PipelineConfig(Section):
-    name: str = Field("rlhf", description="Run name prefix shown in Prefect.")
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    data: DataConfig
-    models: ModelsConfig
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
-    ema: EMAConfig = Field(default_factory=EMAConfig)
-    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
-    hybrid_engine: HybridEngineConfig = Field(default_factory=HybridEngineConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    name: str = Field("rlhf", description="The profile's name, for people (Prefect names runs after the profile "
+                      "and its overrides); no stage reads it.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Where outputs and checkpoints go.")
+    data: DataConfig = Field(description="Step 0: sources, split, blending, the pretraining corpus.")
+    models: ModelsConfig = Field(description="The actor and the reward model's base.")
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="Step 1: supervised fine-tuning of the actor.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Step 2: the reward model.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Step 3: PPO.")
+    ema: EMAConfig = Field(default_factory=EMAConfig, description="The EMA of the actor during step 3.")
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig, description="The pretraining loss in step 3.")
+    hybrid_engine: HybridEngineConfig = Field(default_factory=HybridEngineConfig,
+                                              description="Generation in step 3 and in evaluation.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation of the SFT, final and EMA actors.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="The exported actors.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Devices, processes, launcher.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="When `rlhf serve` starts runs.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":

@@ -213,11 +213,14 @@ def _join(path: str, *parts: str) -> str:
     return "/".join([path.rstrip("/"), *parts])
 
 
-def _layout_files(src: SourceConfig, layout: Layout) -> dict[str, str | None]:
+def layout_files(src: SourceConfig, layout: Layout) -> dict[str, str | None]:
     """Local/store files in a layout: a file (train only), or a folder with <split>.<ext> files."""
     assert src.path is not None
+    if src.eval_path and not _exists(src.eval_path):
+        raise DataError(f"source {src.name}: eval_path {src.eval_path} does not exist")
     if layout.name == "local/jsonfile":
-        return {"train": _join(src.path, "data", "train.json"), "eval": _join(src.path, "data", "eval.json")}
+        return {"train": _join(src.path, "data", "train.json"),
+                "eval": src.eval_path or _join(src.path, "data", "eval.json")}
     fs, root = fsspec.core.url_to_fs(src.path)
     if not fs.isdir(root):
         return {"train": src.path, "eval": src.eval_path}
@@ -238,6 +241,22 @@ def _layout_files(src: SourceConfig, layout: Layout) -> dict[str, str | None]:
     return found
 
 
+def source_files(src: SourceConfig) -> list[str]:
+    """The files a source with ``path:`` reads (train, then eval when there is one), for its cache key."""
+    if src.path is None:
+        return []
+    if src.name == FILES:
+        if src.eval_path and not _exists(src.eval_path):
+            raise DataError(f"source {src.name}: eval_path {src.eval_path} does not exist")
+        return [src.path] + ([src.eval_path] if src.eval_path else [])
+    return [u for u in layout_files(src, layout_of(src)).values() if u and _exists(u)]
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
 def load_raw(src: SourceConfig) -> tuple[RawSplit, RawSplit | None]:
     """Raw train rows and (if the source has one) eval rows."""
     if src.name == FILES:
@@ -246,15 +265,15 @@ def load_raw(src: SourceConfig) -> tuple[RawSplit, RawSplit | None]:
         train = RawSplit(read_file_rows(src.path, src.format), src.path)
         evals = RawSplit(read_file_rows(src.eval_path, src.format), src.eval_path) if src.eval_path else None
         return train, evals
-    layout = _layout(src)
+    layout = layout_of(src)
     if src.path:
-        files = _layout_files(src, layout)
+        files = layout_files(src, layout)
         train_url, eval_url = files["train"], files["eval"]
         assert train_url is not None
         fmt = src.format if src.format != "auto" else ("json" if train_url.endswith(".json") else "auto")
         train = RawSplit(read_file_rows(train_url, fmt), train_url)
         evals = None
-        if eval_url and fsspec.core.url_to_fs(eval_url)[0].exists(fsspec.core.url_to_fs(eval_url)[1]):
+        if eval_url and _exists(eval_url):
             evals = RawSplit(read_file_rows(eval_url, fmt), eval_url)
         return train, evals
     return _load_hub(src, layout)
@@ -279,7 +298,7 @@ def _load_hub(src: SourceConfig, layout: Layout) -> tuple[RawSplit, RawSplit | N
     return train, evals
 
 
-def _layout(src: SourceConfig) -> Layout:
+def layout_of(src: SourceConfig) -> Layout:
     try:
         return LAYOUTS[src.name]
     except KeyError:
@@ -311,7 +330,7 @@ def convert_rows(src: SourceConfig, raw: RawSplit) -> CanonicalRows:
                 "columns: {prompt: question, chosen: answer, rejected: bad_answer}"
             )
     else:
-        layout = _layout(src)
+        layout = layout_of(src)
         convert, required = layout.convert, layout.columns
     _check_columns(src, raw, list(required))
     out: list[dict[str, Any]] = []

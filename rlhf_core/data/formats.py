@@ -8,9 +8,9 @@ with any tokenizer's chat template.
 from __future__ import annotations
 
 import re
-from typing import Literal
 
-PromptFormat = Literal["human_assistant", "chat_template"]
+from rlhf_core.config.schema import PromptFormat
+
 _MARKER = re.compile(r"(?:^|\s)(Human|Assistant):")
 _ROLE = {"Human": "user", "Assistant": "assistant"}
 

@@ -15,113 +15,28 @@ Output files (Arrow IPC stream, the format ``datasets`` memory-maps)::
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 
-from rlhf_core.config import DataConfig, PipelineConfig, SourceConfig
-from rlhf_core.data.adapters import FILES, DataError, _layout, _layout_files, convert_rows, iter_text_lines, load_raw
+from rlhf_core.config import DataConfig, PtxConfig, SourceConfig
+from rlhf_core.config.views import DataSettings
+from rlhf_core.data.adapters import DataError, convert_rows, iter_text_lines, load_raw
 from rlhf_core.data.formats import render_prompt
-from rlhf_core.stages.registry import DATA as STAGE
-from rlhf_core.stages.registry import VERSIONS
-from rlhf_core.storage.store import Manifest, Store, hash_key
+from rlhf_core.stages.context import StageContext
+from rlhf_core.stages.registry import PPO, REWARD, SFT
+from rlhf_core.storage.store import Manifest, Store
 
-STAGE_VERSION = VERSIONS[STAGE]
-STAGES = ("sft", "reward", "ppo")
+STAGES = (SFT, REWARD, PPO)  # the steps the data is split between
 SPLITS = ("train", "eval")
 ROW_SCHEMA = pa.schema(
     [("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()), ("source", pa.string())]
 )
 TEXT_SCHEMA = pa.schema([("text", pa.string())])
-
-
-# ---------------------------------------------------------------------------------------------- cache key
-
-
-def data_stage_key(cfg: PipelineConfig) -> str:
-    """Key = stage version + data settings + content of every source file + the actor tokenizer (which
-    measures prompt lengths). Paths are not part of it: the same bytes elsewhere give the same key."""
-    data = cfg.data.model_dump(mode="json")
-    for src in data["sources"]:
-        src.pop("path", None)
-        src.pop("eval_path", None)
-    data["ptx"].pop("path", None)
-    tok = cfg.models.actor
-    payload = {
-        "stage": STAGE,
-        "version": STAGE_VERSION,
-        "data": data,
-        "sources": [source_fingerprint(s) for s in cfg.data.sources],
-        "ptx": file_fingerprint(cfg.data.ptx.path) if cfg.data.ptx.path else None,
-        "tokenizer": {"ref": tokenizer_fingerprint(tok.tokenizer_path, tok.revision), "pad": tok.pad_token},
-    }
-    return hash_key(payload)
-
-
-def file_fingerprint(url: str) -> str:
-    """SHA-256 of a file's bytes. A run computes stage keys several times (Prefect's cache key, the task,
-    every downstream key), so the hash is memoised on fsspec's ``ukey`` (size and mtime locally, the ETag
-    on S3): a file is read again only when it changed."""
-    fs, path = fsspec.core.url_to_fs(url)
-    try:
-        ukey = fs.ukey(path)
-    except FileNotFoundError:
-        raise DataError(f"{url}: file not found") from None
-    return _content_hash(url, ukey)
-
-
-@functools.lru_cache(maxsize=1024)
-def _content_hash(url: str, ukey: str) -> str:
-    h = hashlib.sha256()
-    with fsspec.open(url, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def source_fingerprint(src: SourceConfig) -> dict[str, Any]:
-    if src.path is None:
-        return {"hub": src.name, "subset": src.subset, "revision": _hub_revision(src.name)}
-    if src.name == FILES:
-        urls = [src.path] + ([src.eval_path] if src.eval_path else [])
-    else:
-        urls = [u for u in _layout_files(src, _layout(src)).values() if u and _exists(u)]
-    return {u.rsplit("/", 1)[-1]: file_fingerprint(u) for u in urls}
-
-
-def tokenizer_fingerprint(ref: str, revision: str | None) -> str:
-    """Content hash of a local tokenizer folder, else the hub name and revision."""
-    fs, root = fsspec.core.url_to_fs(ref)
-    if fs.isdir(root):
-        h = hashlib.sha256()
-        for path in sorted(fs.find(root)):
-            h.update(path[len(root):].encode())
-            h.update(file_fingerprint(fs.unstrip_protocol(path)).encode())
-        return h.hexdigest()
-    return f"{ref}@{revision or _hub_revision(ref, kind='model')}"
-
-
-@functools.lru_cache(maxsize=256)
-def _hub_revision(name: str, kind: str = "dataset") -> str:
-    """The hub's current commit of a dataset or model (one request per name and process)."""
-    try:
-        import huggingface_hub
-
-        info = (huggingface_hub.dataset_info if kind == "dataset" else huggingface_hub.model_info)(name)
-        return info.sha or "unknown"
-    except Exception:  # offline: the name alone; loading it will fail with a clear error anyway
-        return "unresolved"
-
-
-def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -147,12 +62,12 @@ def split_by_shares(rows: list, shares: tuple[int, ...]) -> list[list]:
     return [rows[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def build_data(cfg: PipelineConfig) -> BuiltData:
+def build_data(settings: DataSettings) -> BuiltData:
     """Load, validate, split, filter and blend every source. Raises DataError before any output exists."""
     from rlhf_core.models.tokenizers import load_tokenizer
 
-    data = cfg.data
-    tokenizer = load_tokenizer(cfg.models.actor, role="actor")
+    data = settings.data
+    tokenizer = load_tokenizer(settings.actor_tokenizer, role="actor")
     parts: dict[tuple[str, str], list[tuple[SourceConfig, list[dict]]]] = {(s, p): [] for s in STAGES for p in SPLITS}
     per_source: dict[str, Any] = {}
 
@@ -196,19 +111,19 @@ def build_data(cfg: PipelineConfig) -> BuiltData:
         counts[f"{stage}/{split}"] = table.num_rows
 
     if data.ptx.path:
-        tables.update(_ptx_tables(cfg))
+        tables.update(_ptx_tables(data.ptx, data))
         counts.update({name: tables[name].num_rows for name in ("ptx/train", "ptx/eval")})
 
-    dropped_long = sum(s["ppo"].get(f"{p}_dropped_prompt_too_long", 0) for s in per_source.values() for p in SPLITS)
+    dropped_long = sum(s[PPO].get(f"{p}_dropped_prompt_too_long", 0) for s in per_source.values() for p in SPLITS)
     metrics = {"rows": counts, "sources": per_source, "prompts_dropped_too_long": dropped_long}
     return BuiltData(tables, metrics)
 
 
 def _usable(stage: str, rows: list[dict], data: DataConfig, tokenizer) -> tuple[list[dict], dict[str, int]]:
     """The rows a stage can use, and how many were dropped for what."""
-    if stage == "sft":
+    if stage == SFT:
         return rows, {}
-    if stage == "reward":
+    if stage == REWARD:
         kept = [r for r in rows if r["rejected"] is not None]
         return kept, ({"no_rejected": len(rows) - len(kept)} if len(kept) < len(rows) else {})
     if not rows:
@@ -249,15 +164,15 @@ def blend(source_parts: list[tuple[SourceConfig, list[dict]]], data: DataConfig,
     return table.select(ROW_SCHEMA.names).cast(ROW_SCHEMA).combine_chunks()
 
 
-def _ptx_tables(cfg: PipelineConfig) -> dict[str, pa.Table]:
-    lines = iter_text_lines(cfg.data.ptx.path)
+def _ptx_tables(ptx: PtxConfig, data: DataConfig) -> dict[str, pa.Table]:
+    lines = iter_text_lines(ptx.path)
     if not lines:
-        raise DataError(f"pretraining corpus {cfg.data.ptx.path} is empty")
+        raise DataError(f"pretraining corpus {ptx.path} is empty")
     lines = list(lines)
-    _rng(cfg.data.seed, "ptx").shuffle(lines)
-    n_eval = max(1, round(len(lines) * cfg.data.eval_fraction))
+    _rng(data.seed, "ptx").shuffle(lines)
+    n_eval = max(1, round(len(lines) * data.eval_fraction))
     if len(lines) - n_eval < 1:
-        raise DataError(f"pretraining corpus {cfg.data.ptx.path} has {len(lines)} line(s); it needs at least 2")
+        raise DataError(f"pretraining corpus {ptx.path} has {len(lines)} line(s); it needs at least 2")
     return {
         "ptx/eval": pa.table({"text": lines[:n_eval]}, schema=TEXT_SCHEMA),
         "ptx/train": pa.table({"text": lines[n_eval:]}, schema=TEXT_SCHEMA),
@@ -274,22 +189,13 @@ def arrow_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def run_data_stage(cfg: PipelineConfig, store: Store, key: str | None = None, producer: dict | None = None) -> Manifest:
-    """Build and persist the data stage, or return the existing output (a cache hit writes nothing)."""
-    key = key or data_stage_key(cfg)
-    existing = store.read_manifest(STAGE, key)
-    if existing is not None:
-        return existing
-    built = build_data(cfg)  # every DataError is raised here, before the first write
-    with store.open_output(STAGE, key) as out:
+def run_data_stage(ctx: StageContext) -> Manifest:
+    """Build and persist the data stage. Every DataError is raised before the first write."""
+    built = build_data(ctx.settings)
+    with ctx.store.open_output(ctx.stage, ctx.key) as out:
         for name, table in sorted(built.tables.items()):
             out.write_bytes(f"{name}.arrow", arrow_bytes(table))
-        return out.commit(
-            stage_version=STAGE_VERSION,
-            config={"data": cfg.data.model_dump(mode="json"), "tokenizer": cfg.models.actor.tokenizer_path},
-            metrics=built.metrics,
-            producer=producer,
-        )
+        return ctx.commit(out, built.metrics)
 
 
 def load_split(store: Store, manifest: Manifest, name: str):

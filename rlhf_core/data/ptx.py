@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_core.data.batches import epoch_batches
 from rlhf_core.data.prepare import load_split
 from rlhf_core.storage.store import Manifest, Store
-from rlhf_core.trainers.state import epoch_batches
 
 
 def load_blocks(store: Store, data: Manifest, tokenizer, block_tokens: int, max_blocks: int | None,

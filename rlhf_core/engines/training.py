@@ -7,28 +7,16 @@ import copy
 import importlib
 import os
 import socket
-from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
 
 from rlhf_core.config import DeepSpeedConfig, OptimizerConfig
+from rlhf_core.stages.context import DistInfo
 
 
 class EngineSetupError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def free_port() -> int:

@@ -39,10 +39,18 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return out * mask
 
 
-def masked_mean_var(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return mean, var
+def masked_mean_var(x: torch.Tensor, mask: torch.Tensor, across_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance of ``x`` where ``mask`` is 1; ``across_ranks``: over every rank's
+    positions at once (one all-reduce of sum, sum of squares and count, in float64), so that statistics do
+    not depend on how rows are spread over processes."""
+    xf, mf = x.double(), mask.double()
+    stats = torch.stack([(xf * mf).sum(), (xf * xf * mf).sum(), mf.sum()])
+    if across_ranks and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(stats)  # host-device sync on CUDA
+    s, ss, n = stats
+    mean = s / n.clamp(min=1)
+    var = (ss / n.clamp(min=1) - mean * mean).clamp(min=0)
+    return mean.to(x.dtype), var.to(x.dtype)
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -89,11 +97,15 @@ def compute_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: 
     return rewards * response_mask, kl
 
 
-def last_index(response_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last 1 in each row ([B, A] -> [B]); 0 for an empty row."""
-    A = response_mask.shape[1]
-    has = response_mask.sum(1) > 0
-    idx = A - 1 - response_mask.flip(1).to(torch.int64).argmax(1)
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a mask ([B, T] -> [B]); 0 for an empty row. For an attention
+    mask, the last real token under left or right padding.
+
+    Equals ``[max((i for i in range(T) if mask[b, i]), default=0) for b in range(B)]``.
+    """
+    T = mask.shape[1]
+    has = mask.sum(1) > 0
+    idx = T - 1 - mask.flip(1).to(torch.int64).argmax(1)
     return torch.where(has, idx, torch.zeros_like(idx))
 
 

@@ -8,9 +8,11 @@ import os
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from rlhf_core.config import ModelSpec
+from rlhf_core.config.schema import PromptFormat
 from rlhf_core.maths.rl import last_index
 from rlhf_core.models.loading import ModelLoadError, build_config, fit_vocab, partitioned, seeded, set_dropout
 from rlhf_core.storage.store import local_copy
@@ -97,8 +99,20 @@ def build_reward_model(spec: ModelSpec, tokenizer, dropout: float | None = None,
     return _cast_head(model, dtype)
 
 
-def save_reward_model(model: RewardModel, tokenizer, path: str, meta: dict[str, Any]) -> None:
-    """Backbone as an HF folder, the head as safetensors, score statistics and settings as JSON."""
+class RewardMeta(BaseModel):
+    """What a reward model's users need besides its weights (``reward_model.json`` beside them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    score_mean: float = Field(description="Mean score over the held-out pairs (PPO's optional normalisation).")
+    score_std: float = Field(description="Score standard deviation over the held-out pairs.")
+    max_seq_len: int = Field(description="Tokens it was trained on; scoring keeps the last this many.")
+    prompt_format: PromptFormat = Field(description="How its prompts were rendered.")
+    eval_accuracy: float = Field(description="Held-out pairwise accuracy.")
+
+
+def save_reward_model(model: RewardModel, tokenizer, path: str, meta: RewardMeta, card: str | None = None) -> None:
+    """Backbone as an HF folder, the head as safetensors, its metadata as JSON, ``card`` as README.md."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
@@ -106,7 +120,10 @@ def save_reward_model(model: RewardModel, tokenizer, path: str, meta: dict[str, 
     tokenizer.save_pretrained(path)
     save_file({"weight": model.v_head.weight.detach().cpu().contiguous()}, os.path.join(path, VALUE_HEAD))
     with open(os.path.join(path, REWARD_META), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+        json.dump(meta.model_dump(mode="json"), f, indent=2, sort_keys=True)
+    if card:
+        with open(os.path.join(path, "README.md"), "w") as f:
+            f.write(card)
 
 
 def load_reward_model(path: str, dtype: torch.dtype = torch.float32, dropout: float | None = None,
@@ -129,11 +146,18 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32, dropout: fl
     model = RewardModel(backbone)
     model.v_head.weight.data.copy_(load_file(os.path.join(local, VALUE_HEAD))["weight"])
     meta = reward_meta(local)
-    model.score_mean.fill_(meta.get("score_mean", 0.0))
-    model.score_std.fill_(meta.get("score_std", 1.0))
+    model.score_mean.fill_(meta.score_mean)
+    model.score_std.fill_(meta.score_std)
     return _cast_head(model, dtype)
 
 
-def reward_meta(path: str) -> dict[str, Any]:
-    with open(os.path.join(local_copy(path), REWARD_META)) as f:
-        return json.load(f)
+def reward_meta(path: str) -> RewardMeta:
+    """The metadata saved beside a reward model (or a critic); a missing or malformed file is an error."""
+    file = os.path.join(local_copy(path), REWARD_META)
+    try:
+        with open(file) as f:
+            return RewardMeta.model_validate_json(f.read())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} is not a reward model: it has no {REWARD_META}") from None
+    except ValidationError as e:
+        raise ModelLoadError(f"{file} is not valid reward-model metadata: {e}") from None

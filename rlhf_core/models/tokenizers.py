@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from rlhf_core.config import ModelSpec
+from rlhf_core.config.views import TokenizerSpec
 from rlhf_core.models.loading import ModelLoadError
 from rlhf_core.storage.store import local_copy
 
 
-def load_tokenizer(spec: ModelSpec, role: str = "actor", padding_side: str = "right"):
-    """The tokenizer of a model spec, with a pad token (from the spec when the tokenizer has none)."""
+def load_tokenizer(spec: TokenizerSpec | ModelSpec, role: str = "actor", padding_side: str = "right"):
+    """A model's tokenizer, with a pad token (the spec's when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    ref = spec.tokenizer_path
+    if isinstance(spec, ModelSpec):
+        spec = TokenizerSpec.of(spec)
+    ref = spec.tokenizer
     try:
         tok = AutoTokenizer.from_pretrained(
             local_copy(ref), revision=spec.revision, trust_remote_code=spec.trust_remote_code
@@ -46,3 +49,9 @@ def load_saved_tokenizer(path: str, padding_side: str = "right"):
         raise ModelLoadError(f"the tokenizer saved in {path} has no pad token")
     tok.padding_side = padding_side
     return tok
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether token ids mean the same in both tokenizers (then no text round trip is needed)."""
+    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.bos_token_id == b.bos_token_id
+            and getattr(a, "chat_template", None) == getattr(b, "chat_template", None))

@@ -12,23 +12,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from rlhf_core.stages import registry as stages
-from rlhf_core.config import GenerationConfig, PipelineConfig
+from rlhf_core.config.views import EvaluateSettings
 from rlhf_core.data.prepare import load_split
-from rlhf_core.trainers.experience import RewardScorer, model_kwargs, tokenize_prompts
+from rlhf_core.data.ptx import load_blocks
 from rlhf_core.engines.hybrid import HybridEngine, Rollout, left_pad
-from rlhf_core.trainers.metrics import plot_curves
 from rlhf_core.models.causal_lm import load_causal_lm
 from rlhf_core.models.reward_model import load_reward_model, reward_meta
 from rlhf_core.models.tokenizers import load_saved_tokenizer
+from rlhf_core.stages.context import StageContext
+from rlhf_core.stages.export import EXPORTS
+from rlhf_core.stages.registry import (DATA, EXPORT, LOGS, METRICS, MODEL, PLOTS, PPO, REPORT, REWARD, SAMPLES,
+                                       SFT)
 from rlhf_core.storage.store import Manifest
-from rlhf_core.trainers.state import StageContext
+from rlhf_core.trainers.experience import RewardScorer, answer_texts, gold_scores, model_kwargs, tokenize_prompts
+from rlhf_core.trainers.metrics import plot_curves
 
 CURVE_KEYS = ["reward/score", "gold/reward", "kl/mean", "ppo/policy_loss", "ppo/value_loss", "ppo/ptx_loss",
               "ppo/clipfrac", "gen/answer_len", "kl/coef"]
@@ -42,11 +44,6 @@ class ModelSamples:
     kl: list[float]  # per answer, summed over tokens
     lengths: list[int]
     ptx_perplexity: float | None
-
-
-def _gen_config(cfg: PipelineConfig) -> GenerationConfig:
-    return GenerationConfig(max_answer_len=cfg.eval.max_answer_len or cfg.ppo.generation.max_answer_len,
-                            do_sample=cfg.eval.do_sample, temperature=cfg.eval.temperature)
 
 
 @torch.no_grad()
@@ -73,32 +70,30 @@ def corpus_perplexity(model, blocks: torch.Tensor, device: torch.device, batch: 
 
 
 def sample_model(model, sft, tok, scorer: RewardScorer, prompts: list[str], prompt_ids: list[list[int]],
-                 cfg: PipelineConfig, device: torch.device, blocks: torch.Tensor | None, batch: int = 32) -> ModelSamples:
-    gen = _gen_config(cfg)
-    engine = HybridEngine(model, tok, gen, cfg.hybrid_engine)
-    temperature = gen.temperature if gen.do_sample else 1.0
-    torch.manual_seed(cfg.eval.seed)  # every model samples with the same seed
-    out = ModelSamples([], [], [] if cfg.eval.gold_reward != "none" else None, [], [], None)
+                 settings: EvaluateSettings, device: torch.device, blocks: torch.Tensor | None,
+                 batch: int = 32) -> ModelSamples:
+    gen = settings.generation
+    engine = HybridEngine(model, tok, gen, settings.hybrid_engine)
+    torch.manual_seed(settings.eval.seed)  # every model samples with the same seed
+    out = ModelSamples([], [], [] if settings.eval.gold_reward != "none" else None, [], [], None)
     for i in range(0, len(prompts), batch):
         ids, mask = left_pad(prompt_ids[i:i + batch], tok.pad_token_id, device)
         rollout = engine.generate(ids, mask)
-        texts = [tok.decode(r[m.bool()], skip_special_tokens=True).strip()
-                 for r, m in zip(rollout.responses.cpu(), rollout.response_mask.cpu())]
+        texts = answer_texts(rollout, tok)
         out.answers += texts
         out.scores += scorer(prompts[i:i + batch], rollout).tolist()
-        out.kl += exact_kl(model, sft, rollout, temperature).tolist() if model is not sft else [0.0] * len(texts)
+        out.kl += (exact_kl(model, sft, rollout, gen.logprob_temperature).tolist() if model is not sft
+                   else [0.0] * len(texts))
         out.lengths += rollout.response_mask.sum(1).tolist()
         if out.gold is not None:
-            from rlhf_core.data.tiny_task import gold_reward
-
-            out.gold += [gold_reward(p, a) for p, a in zip(prompts[i:i + batch], texts)]
+            out.gold += gold_scores(settings.eval.gold_reward, prompts[i:i + batch], texts)
     if blocks is not None:
         out.ptx_perplexity = corpus_perplexity(model, blocks, device)
     return out
 
 
 def summarize(samples: dict[str, ModelSamples]) -> dict[str, dict[str, float]]:
-    base = samples["sft"]
+    base = samples[SFT]
     table = {}
     for name, s in samples.items():
         n = len(s.scores)
@@ -114,69 +109,65 @@ def summarize(samples: dict[str, ModelSamples]) -> dict[str, dict[str, float]]:
 
 
 def run_evaluate(ctx: StageContext) -> Manifest | None:
-    cfg, dist = ctx.cfg, ctx.dist
+    settings: EvaluateSettings = ctx.settings
+    device = ctx.dist.device
     if not ctx.is_main:  # evaluation is one process's work; the others only keep the launcher happy
         return None
-    store, up = ctx.store, ctx.upstream
-    sft_path = store.fetch(stages.SFT, up[stages.SFT].key, "model")
-    reward_path = store.fetch(stages.REWARD, up[stages.REWARD].key, "model")
-    export = up[stages.EXPORT]
+    up = ctx.upstream
+    sft_path, reward_path = ctx.fetch(SFT, MODEL), ctx.fetch(REWARD, MODEL)
+    export = up[EXPORT]
     tok = load_saved_tokenizer(sft_path, padding_side="left")
-    rm = load_reward_model(reward_path).to(dist.device).eval()
-    scorer = RewardScorer(rm, load_saved_tokenizer(reward_path), tok, cfg.data.prompt_format,
-                          reward_meta(reward_path).get("max_seq_len", cfg.reward.max_seq_len), dist.device)
-    ds = load_split(store, up[stages.DATA], "ppo/eval")
-    prompts = list(ds["prompt"])[: cfg.eval.num_prompts]
-    prompt_ids = tokenize_prompts(prompts, tok, cfg.data.prompt_format)
+    rm = load_reward_model(reward_path).to(device).eval()
+    scorer = RewardScorer(rm, load_saved_tokenizer(reward_path), tok, settings.prompt_format,
+                          reward_meta(reward_path).max_seq_len, device)
+    prompts = list(load_split(ctx.store, up[DATA], f"{PPO}/eval")["prompt"])[: settings.eval.num_prompts]
+    prompt_ids = tokenize_prompts(prompts, tok, settings.prompt_format)
     blocks = None
-    if any(f.path == "ptx/eval.arrow" for f in up[stages.DATA].files):
-        from rlhf_core.data.ptx import load_blocks
+    if any(f.path == "ptx/eval.arrow" for f in up[DATA].files):
+        blocks = load_blocks(ctx.store, up[DATA], tok, settings.ptx_block_tokens, settings.eval.ptx_blocks, split="eval")
 
-        blocks = load_blocks(store, up[stages.DATA], tok, cfg.data.ptx.block_tokens, cfg.eval.ptx_blocks, split="eval")
-
-    sft = load_causal_lm(sft_path, what="the SFT actor").to(dist.device).eval()
-    samples = {"sft": sample_model(sft, sft, tok, scorer, prompts, prompt_ids, cfg, dist.device, blocks)}
-    for name in ("final", "ema"):
+    sft = load_causal_lm(sft_path, what="the SFT actor").to(device).eval()
+    samples = {SFT: sample_model(sft, sft, tok, scorer, prompts, prompt_ids, settings, device, blocks)}
+    for name in EXPORTS:
         if any(f.path.startswith(f"{name}/") for f in export.files):
-            model = load_causal_lm(store.fetch(stages.EXPORT, export.key, name), what=f"the {name} actor").to(dist.device).eval()
-            samples[name] = sample_model(model, sft, tok, scorer, prompts, prompt_ids, cfg, dist.device, blocks)
+            model = load_causal_lm(ctx.fetch(EXPORT, name), what=f"the {name} actor").to(device).eval()
+            samples[name] = sample_model(model, sft, tok, scorer, prompts, prompt_ids, settings, device, blocks)
             del model
     table = summarize(samples)
+    rows = [{"prompt": p, **{f"{n}_answer": s.answers[i] for n, s in samples.items()},
+             **{f"{n}_score": s.scores[i] for n, s in samples.items()},
+             **({f"{n}_gold": s.gold[i] for n, s in samples.items()} if samples[SFT].gold is not None else {})}
+            for i, p in enumerate(prompts)]
 
-    with store.open_output(ctx.stage, ctx.key) as out, tempfile.TemporaryDirectory() as tmp:
-        plots = _plots(ctx, table, tmp)
-        for path in plots.values():
-            out.put_file(path, f"plots/{os.path.basename(path)}")
-        rows = [{"prompt": p, **{f"{n}_answer": s.answers[i] for n, s in samples.items()},
-                 **{f"{n}_score": s.scores[i] for n, s in samples.items()},
-                 **({f"{n}_gold": s.gold[i] for n, s in samples.items()} if samples["sft"].gold is not None else {})}
-                for i, p in enumerate(prompts)]
-        out.write_bytes("samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-        out.write_json("metrics.json", table)
-        report = render_report(cfg, ctx, table, rows, plots)
-        out.write_bytes("report.md", report.encode())
-        return out.commit(stage_version=stages.VERSIONS[stages.EVALUATE], config=stages.evaluate_config(cfg),
-                          upstream=up, metrics={"models": table, "prompts": len(prompts)}, producer=ctx.producer)
+    def write(folder: str) -> None:
+        os.makedirs(os.path.join(folder, PLOTS))
+        plots = _plots(ctx, table, os.path.join(folder, PLOTS))
+        with open(os.path.join(folder, SAMPLES), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        with open(os.path.join(folder, METRICS), "w") as f:
+            f.write(json.dumps(table, indent=2, sort_keys=True) + "\n")
+        with open(os.path.join(folder, REPORT), "w") as f:
+            f.write(render_report(settings, table, rows, plots))
+
+    return ctx.write_output(write, {"models": table, "prompts": len(prompts)})
 
 
-def _plots(ctx: StageContext, table: dict[str, dict[str, float]], tmp: str) -> dict[str, str]:
-    """Training curves of each stage (from their metric logs) and a bar chart of the evaluation."""
+def _plots(ctx: StageContext, table: dict[str, dict[str, float]], folder: str) -> dict[str, str]:
+    """Training curves of each upstream training stage (from their metric logs) and a bar chart of the
+    evaluation, as PNGs in ``folder``; returns title -> file name."""
     plots = {}
-    up = ctx.upstream
-    ppo_key = ctx.store.read_manifest(stages.EXPORT, up[stages.EXPORT].key).upstream[stages.PPO]
-    for stage, key, keys in ((stages.PPO, ppo_key, CURVE_KEYS), (stages.SFT, up[stages.SFT].key, None),
-                             (stages.REWARD, up[stages.REWARD].key, None)):
+    for stage, keys in ((PPO, CURVE_KEYS), (SFT, None), (REWARD, None)):
+        m = ctx.upstream[stage]
         try:
-            raw = ctx.store.read_bytes(stage, key, "logs/metrics.jsonl")
+            raw = ctx.store.read_bytes(m.stage, m.key, f"{LOGS}/metrics.jsonl")
         except FileNotFoundError:
             continue
         history = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
-        path = os.path.join(tmp, f"{stage}_curves.png")
-        if plot_curves(history, path, f"{stage} training ({key[:8]})", keys):
-            plots[f"{stage} training"] = path
-    path = os.path.join(tmp, "evaluation.png")
-    _bars(table, path)
-    plots["evaluation"] = path
+        name = f"{stage}_curves.png"
+        if plot_curves(history, os.path.join(folder, name), f"{stage} training", keys):
+            plots[f"{stage} training"] = name
+    _bars(table, os.path.join(folder, "evaluation.png"))
+    plots["evaluation"] = "evaluation.png"
     return plots
 
 
@@ -198,25 +189,24 @@ def _bars(table: dict[str, dict[str, float]], path: str) -> None:
     plt.close(fig)
 
 
-def render_report(cfg: PipelineConfig, ctx: StageContext, table: dict[str, dict[str, float]],
-                  rows: list[dict[str, Any]], plots: dict[str, str]) -> str:
+def render_report(settings: EvaluateSettings, table: dict[str, dict[str, float]], rows: list[dict[str, Any]],
+                  plots: dict[str, str]) -> str:
+    e = settings.eval
     metrics = list(next(iter(table.values())))
-    lines = [f"# RLHF evaluation: {cfg.name}", "",
-             f"{len(rows)} held-out prompts; answers {'sampled (temperature ' + str(cfg.eval.temperature) + ')' if cfg.eval.do_sample else 'greedy'}, "
-             f"seed {cfg.eval.seed}. Win rate and score use the reward model; KL to SFT is exact over the vocabulary, "
-             "summed per answer.", "",
+    how = f"sampled (temperature {e.temperature})" if e.do_sample else "greedy"
+    lines = ["# RLHF evaluation", "",
+             f"{len(rows)} held-out prompts; answers {how}, seed {e.seed}. Win rate and score use the reward model; "
+             "KL to SFT is exact over the vocabulary, summed per answer.", "",
              "| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, row in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[m]:.3f}" for m in metrics) + " |")
     lines += ["", "## Plots", ""]
-    for title, path in plots.items():
-        url = ctx.store.url_of(ctx.stage, ctx.key, "plots", os.path.basename(path))
-        lines.append(f"- [{title}]({url})")
+    lines += [f"- [{title}]({PLOTS}/{name})" for title, name in plots.items()]
     lines += ["", "## Samples", ""]
-    names = [n for n in ("sft", "final", "ema") if f"{n}_answer" in rows[0]]
+    names = [n for n in (SFT, *EXPORTS) if f"{n}_answer" in rows[0]]
     lines.append("| prompt | " + " | ".join(names) + " |")
     lines.append("|---" * (len(names) + 1) + "|")
-    for r in rows[: cfg.eval.samples_in_report]:
+    for r in rows[: e.samples_in_report]:
         cells = [f"{r[f'{n}_answer']} ({r[f'{n}_score']:.2f})" for n in names]
         lines.append(f"| {r['prompt'].strip()} | " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,64 +1,57 @@
 """Export: the final and EMA actors as plain Hugging Face models (LoRA already merged, safetensors, the
-configured dtype), each with a model card that says where it came from."""
+configured dtype), each with a model card that says where it came from.
+
+The card is written from the PPO manifest (its settings view and metrics) and content ids, which the
+export's key holds, so the same key gives the same bytes.
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
 
-import torch
-
-from rlhf_core.stages import registry as stages
-from rlhf_core.config import PipelineConfig
+from rlhf_core.config.views import ExportSettings
+from rlhf_core.models.card import model_card
 from rlhf_core.models.causal_lm import load_causal_lm, save_causal_lm
+from rlhf_core.models.loading import torch_dtype
 from rlhf_core.models.tokenizers import load_saved_tokenizer
-from rlhf_core.storage.store import Manifest, Store
+from rlhf_core.stages.context import StageContext
+from rlhf_core.stages.registry import ACTOR, ACTOR_EMA, EMA, FINAL, PPO, SFT
+from rlhf_core.storage.store import Manifest
 
-EXPORTS = {"final": "actor", "ema": "actor_ema"}  # exported name -> folder in the PPO output
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def model_card(name: str, cfg: PipelineConfig, ppo: Manifest) -> str:
-    lineage = [f"- data `{ppo.upstream.get(stages.DATA)}`", f"- SFT `{ppo.upstream.get(stages.SFT)}`",
-               f"- reward model `{ppo.upstream.get(stages.REWARD)}`", f"- PPO `{ppo.key}` (content {ppo.content_id[:12]})"]
-    what = "the final PPO actor" if name == "final" else f"the exponential moving average of the PPO actor (beta {cfg.ema.beta})"
-    metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in ppo.metrics.items() if isinstance(v, float))
-    base = cfg.models.actor.name_or_path or f"{cfg.models.actor.architecture.get('model_type')} from config"
-    return f"""# {cfg.name}: {name} actor
-
-This is {what}, trained by rlhf-flow with RLHF: SFT, a reward model, then PPO with a KL penalty
-(coefficient {cfg.ppo.kl.coef}, estimator {cfg.ppo.kl.estimator}{', adaptive' if cfg.ppo.kl.adaptive else ''}) and a
-pretraining-mixture coefficient of {cfg.mixture.ptx_coef}. Base model: `{base}`. LoRA adapters, if any, are
-merged: load it with `AutoModelForCausalLM.from_pretrained(path)`. Prompts follow the
-`{cfg.data.prompt_format}` format.
-
-## Lineage
-{chr(10).join(lineage)}
-
-## PPO training
-| metric | value |
-|---|---|
-{metrics}
-"""
+EXPORTS = {FINAL: ACTOR, EMA: ACTOR_EMA}  # exported name -> folder in the PPO output
 
 
-def run_export(cfg: PipelineConfig, store: Store, key: str, ppo: Manifest, producer: dict | None = None) -> Manifest:
-    existing = store.read_manifest(stages.EXPORT, key)
-    if existing is not None:
-        return existing
-    files = {f.path.split("/")[0] for f in ppo.files}
-    dtype = _DTYPES[cfg.export.dtype]
-    with store.open_output(stages.EXPORT, key) as out, tempfile.TemporaryDirectory() as tmp:
-        exported = {}
-        for name, folder in EXPORTS.items():
-            if folder not in files:
+def about(name: str, ppo: Manifest) -> str:
+    """The card's paragraph: what this actor is and how PPO trained it (from the PPO output's settings)."""
+    s = ppo.config
+    kl, mix = s["ppo"]["kl"], s["mixture"]["ptx_coef"]
+    what = ("the final PPO actor" if name == FINAL else
+            f"the exponential moving average of the PPO actor (beta {s['ema']['beta']})")
+    return (f"This is {what}, trained by rlhf-flow with RLHF: SFT, a reward model, then PPO with a KL penalty "
+            f"(coefficient {kl['coef']}, estimator {kl['estimator']}{', adaptive' if kl['adaptive'] else ''}) and a "
+            f"pretraining-mixture coefficient of {mix}. LoRA adapters, if any, are merged: load it with "
+            f"`AutoModelForCausalLM.from_pretrained(path)`. Prompts follow the `{s['prompt_format']}` format.\n\n"
+            f"Made from the PPO output with content {ppo.content_id[:12]} (`rlhf store show` on this export's key "
+            "gives the whole lineage).")
+
+
+def run_export(ctx: StageContext) -> Manifest:
+    settings: ExportSettings = ctx.settings
+    ppo = ctx.upstream[PPO]
+    folders = {f.path.split("/")[0] for f in ppo.files}
+    base = f"SFT output (content {ppo.upstream_content[SFT][:12]})"
+    metrics: dict = {"models": [], "parameters": 0, "dtype": settings.export.dtype}
+
+    def write(folder: str) -> None:
+        for name, src_folder in EXPORTS.items():
+            if src_folder not in folders:
                 continue
-            src = store.fetch(ppo.stage, ppo.key, folder)
+            src = ctx.fetch(PPO, src_folder)
             model = load_causal_lm(src, what=f"the PPO {name} actor")
-            save_causal_lm(model, load_saved_tokenizer(src), os.path.join(tmp, name), dtype=dtype,
-                           card=model_card(name, cfg, ppo))
-            out.put_dir(os.path.join(tmp, name), name)
-            exported[name] = sum(p.numel() for p in model.parameters())
-        return out.commit(stage_version=stages.VERSIONS[stages.EXPORT], config=cfg.export.model_dump(mode="json"),
-                          upstream={stages.PPO: ppo}, producer=producer,
-                          metrics={"models": sorted(exported), "parameters": max(exported.values()), "dtype": cfg.export.dtype})
+            save_causal_lm(model, load_saved_tokenizer(src), os.path.join(folder, name),
+                           dtype=torch_dtype(settings.export.dtype),
+                           card=model_card(f"{name} actor", base, about(name, ppo), ppo.metrics))
+            metrics["models"].append(name)
+            metrics["parameters"] = max(metrics["parameters"], sum(p.numel() for p in model.parameters()))
+
+    return ctx.write_output(write, metrics)

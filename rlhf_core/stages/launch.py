@@ -1,65 +1,103 @@
 """The worker entry: run one stage in this process (and its peers).
 
-    python -m rlhf_core.stages.launch sft|reward|ppo JOB_URL
+    python -m rlhf_core.stages.launch sft|reward|ppo|evaluate JOB_URL
     torchrun --nproc_per_node 2 -m rlhf_core.stages.launch sft JOB_URL
     deepspeed --hostfile H --no_local_rank --module rlhf_core.stages.launch sft JOB_URL
 
-A job (``Job``, JSON at a local path or store URL) carries the whole validated config, the stage's key and
-the upstream manifests, so every rank on every node runs exactly the same thing. Rank 0 writes the stage
-output and its manifest; the caller reads the manifest back from the store.
+A job (``Job``, JSON at a local path or store URL) carries the stage's settings view, its key, the
+upstream manifests and the run-time resources, so every rank on every node runs exactly the same thing
+and no rank can see more of the config than the stage's key holds. Rank 0 writes the stage output and its
+manifest; the caller reads the manifest back from the store.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 from typing import Any, Callable
 
 import fsspec
 from pydantic import BaseModel, Field
 
-from rlhf_core.config import PipelineConfig
+from rlhf_core.config import PipelineConfig, ResourcesConfig, StorageConfig
+from rlhf_core.stages.context import DistInfo, StageContext
+from rlhf_core.stages.registry import Stage, key_of_settings, stage
 from rlhf_core.storage.store import Manifest, Store
+
+ENTRY = "rlhf_core.stages.launch"
+# Set by a launcher for its own processes; a worker must get fresh ones from its own launcher.
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class Runtime(BaseModel):
+    """Resources that cannot change a stage's output: where it is stored and how it is launched."""
+
+    storage: StorageConfig
+    resources: ResourcesConfig
 
 
 class Job(BaseModel):
     stage: str
     key: str
-    config: dict[str, Any]
+    settings: dict[str, Any] = Field(description="the stage's settings view, as its key hashes it")
     upstream: dict[str, Manifest] = Field(default_factory=dict)
+    runtime: Runtime
     producer: dict[str, Any] = Field(default_factory=dict)
 
 
-def trainers() -> dict[str, Callable]:
-    """Stage name -> the function that runs it on a StageContext (rank 0 returns the manifest)."""
-    from rlhf_core.stages.evaluate import run_evaluate
-    from rlhf_core.trainers.ppo import train_ppo
-    from rlhf_core.trainers.reward import train_reward
-    from rlhf_core.trainers.sft import train_sft
-
-    return {"sft": train_sft, "reward": train_reward, "ppo": train_ppo, "evaluate": run_evaluate}
+def make_job(cfg: PipelineConfig, name: str, key: str, upstream: dict[str, Manifest],
+             producer: dict[str, Any] | None = None) -> Job:
+    """The job of stage ``name``: its settings view cut out of ``cfg``, and the run-time resources."""
+    settings = stage(name).settings_of(cfg)
+    return Job(stage=name, key=key, settings=settings.model_dump(mode="json"), upstream=upstream,
+               runtime=Runtime(storage=cfg.storage, resources=cfg.resources), producer=producer or {})
 
 
-def run_job(job: Job) -> Manifest | None:
-    """Run a job in this process: distributed init, the stage's trainer, the output (rank 0)."""
-    from rlhf_core.engines.training import barrier, init_distributed
-    from rlhf_core.trainers.state import StageContext
+def entry_of(record: Stage) -> Callable[[StageContext], Manifest | None]:
+    module, _, fn = record.entry.partition(":")
+    return getattr(importlib.import_module(module), fn)
 
-    cfg = PipelineConfig.model_validate(job.config)
-    res = cfg.resources
-    dist = init_distributed(res.device, res.master_addr, res.master_port, res.cpu_threads)
-    store = Store.from_config(cfg.storage)
-    existing = store.read_manifest(job.stage, job.key)
-    if existing is not None:
-        return existing
+
+def context_of(job: Job, dist: DistInfo) -> StageContext:
+    """The stage's context: its settings view (validated), the inputs, the run-time resources."""
+    record = stage(job.stage)
+    settings = record.settings.model_validate(job.settings)
+    if key_of_settings(job.stage, settings, job.upstream) != job.key:
+        raise ValueError(f"job for {job.stage}/{job.key}: its settings and inputs hash to another key; the job file "
+                         "was edited or written by another version of rlhf-flow")
+    world = getattr(settings, "world_size", 1)
+    if record.worker and world != dist.world_size:
+        raise ValueError(f"{job.stage} is keyed for {world} processes but runs in {dist.world_size}; launch it with "
+                         "the profile's resources")
     import datetime
     import socket
 
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
     producer = {**job.producer, "started_at": started, "host": socket.gethostname(), "world_size": dist.world_size}
-    ctx = StageContext(cfg, store, job.stage, job.key, job.upstream, dist, producer)
-    manifest = trainers()[job.stage](ctx)
+    return StageContext(stage=job.stage, version=record.version, key=job.key, settings=settings, upstream=job.upstream,
+                        store=Store.from_config(job.runtime.storage), storage=job.runtime.storage, dist=dist,
+                        producer=producer)
+
+
+def run_job(job: Job) -> Manifest | None:
+    """Run a job in this process: distributed set-up for worker stages, the stage's entry, the output (rank 0)."""
+    record = stage(job.stage)
+    res = job.runtime.resources
+    store = Store.from_config(job.runtime.storage)
+    existing = store.read_manifest(job.stage, job.key)
+    if existing is not None:
+        return existing
+    if record.worker:
+        from rlhf_core.engines.training import barrier, init_distributed
+
+        dist = init_distributed(res.device, res.master_addr, res.master_port, res.cpu_threads)
+    else:
+        dist, barrier = DistInfo.single(), (lambda: None)
+    ctx = context_of(job, dist)
+    manifest = entry_of(record)(ctx)
     barrier()
-    if ctx.is_main and not cfg.storage.keep_checkpoints_after_commit:
+    if ctx.is_main and not job.runtime.storage.keep_checkpoints_after_commit:
         store.delete_checkpoints(job.stage, job.key)
     return manifest
 
@@ -76,10 +114,9 @@ def read_job(url: str) -> Job:
         return Job.model_validate_json(f.read())
 
 
-def command(cfg: PipelineConfig, stage: str, job_url: str) -> list[str]:
+def command(res: ResourcesConfig, stage_name: str, job_url: str) -> list[str]:
     """The command line that runs a stage with the configured launcher."""
-    res = cfg.resources
-    entry = ["-m", "rlhf_core.stages.launch", stage, job_url]
+    entry = ["-m", ENTRY, stage_name, job_url]
     if res.launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={res.nnodes}",
                 f"--nproc_per_node={res.nproc_per_node}", f"--master_addr={res.master_addr}",
@@ -88,9 +125,19 @@ def command(cfg: PipelineConfig, stage: str, job_url: str) -> list[str]:
         cmd = ["deepspeed", "--no_local_rank", f"--master_port={res.master_port or _port()}"]
         if res.hostfile:
             cmd += [f"--hostfile={res.hostfile}", f"--num_nodes={res.nnodes}", f"--master_addr={res.master_addr}"]
-        cmd += [f"--num_gpus={res.nproc_per_node}", "--module", "rlhf_core.stages.launch", stage, job_url]
+        cmd += [f"--num_gpus={res.nproc_per_node}", "--module", ENTRY, stage_name, job_url]
         return cmd
     return [sys.executable, *entry]
+
+
+def worker_env(cpu_threads: int | None = None) -> dict[str, str]:
+    """The environment of a worker process: this one's, without a launcher's process-group variables, with
+    progress as lines (the task turns them into a progress artifact) and unbuffered output."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(RLHF_PROGRESS="lines", PYTHONUNBUFFERED="1")
+    if cpu_threads:
+        env["OMP_NUM_THREADS"] = str(cpu_threads)
+    return env
 
 
 def _port() -> int:
@@ -104,14 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    stage, url = argv
+    name, url = argv
     job = read_job(url)
-    if job.stage != stage:
-        print(f"launch: job {url} is for stage {job.stage!r}, not {stage!r}", file=sys.stderr)
+    if job.stage != name:
+        print(f"launch: job {url} is for stage {job.stage!r}, not {name!r}", file=sys.stderr)
         return 2
     manifest = run_job(job)
     if manifest is not None:
-        print(f"[{stage}] done: {manifest.stage}/{manifest.key} content {manifest.content_id[:12]}", flush=True)
+        print(f"[{name}] done: {manifest.stage}/{manifest.key} content {manifest.content_id[:12]}", flush=True)
     return 0
 
 

@@ -1,105 +1,158 @@
-"""Stage names, versions and cache keys (DESIGN.md: "Cache keys and resume").
+"""The stage registry: one record per stage, read by the cache keys, the flows' graph, the worker entry,
+lineage, garbage collection and the run summary (DESIGN.md: "Cache keys and resume").
 
-Key = hash(stage name, stage version, the config fields that change the stage's output, the upstream
-manifests' content ids). No run id, no storage root, no launcher: a new flow run, a retry, or the same
-config on another machine reuses a finished stage. Bump a stage's version when its code changes what it
-writes.
+Key = hash(stage name, stage version, the stage's settings view, the upstream outputs' content ids). The
+view (``rlhf_core/config/views.py``) is exactly what the stage's worker is given, so the key holds every
+setting the stage can read; fields that name files count by the files' content (``CONTENT_KEYED``). No
+run id, storage root or launcher: a new flow run, a retry, or the same config on another machine reuses
+a finished stage. Bump a stage's ``version`` when its code changes what it writes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from rlhf_core.config import ModelSpec, PipelineConfig
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
+from rlhf_core.config import PipelineConfig, SourceConfig
+from rlhf_core.config.schema import CONTENT_KEYED, Section
+from rlhf_core.config.views import (DataSettings, EvaluateSettings, ExportSettings, PPOSettings, RewardSettings,
+                                    SFTSettings)
 from rlhf_core.storage.store import Manifest, hash_key
 
 DATA, SFT, REWARD, PPO, EXPORT, EVALUATE = "data", "sft", "reward", "ppo", "export", "evaluate"
-VERSIONS = {DATA: 1, SFT: 1, REWARD: 1, PPO: 1, EXPORT: 1, EVALUATE: 1}
-ORDER = [DATA, SFT, REWARD, PPO, EXPORT, EVALUATE]
-# What each stage is made from (the pipeline's graph; the stage flows run a stage and what it needs).
-INPUTS = {DATA: [], SFT: [DATA], REWARD: [DATA], PPO: [DATA, SFT, REWARD], EXPORT: [PPO],
-          EVALUATE: [DATA, SFT, REWARD, EXPORT]}
+
+# What stage outputs hold (relative to <stage>/<key>/), one name each.
+MODEL = "model"  # sft, reward: an HF folder (the reward model's with its value head and meta)
+LOGS = "logs"  # training stages: metrics.jsonl, tensorboard/, curves.png
+ACTOR, ACTOR_EMA, CRITIC = "actor", "actor_ema", "critic"  # ppo
+FINAL, EMA = "final", "ema"  # export: plain HF folders
+REPORT, METRICS, SAMPLES, PLOTS = "report.md", "metrics.json", "samples.jsonl", "plots"  # evaluate
 
 
-def needed_for(stage: str) -> set[str]:
-    """``stage`` and every stage it is made from, transitively (``needed_for('ppo')`` has no export)."""
-    if stage not in INPUTS:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(ORDER)}")
-    out = {stage}
-    for up in INPUTS[stage]:
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: int
+    inputs: tuple[str, ...]  # stages whose outputs this one reads (the pipeline's graph)
+    settings: type[Section]  # its view; ``settings.from_config(cfg)`` cuts it out of a config
+    entry: str  # "module:function" that runs it on a StageContext (rank 0 returns the manifest)
+    worker: bool  # True: a worker process (torchrun / DeepSpeed launcher); False: inside its Prefect task
+    outputs: tuple[str, ...]  # what its output folder holds
+    headline: tuple[str, ...]  # metric keys a person looks at first (the first one present)
+    title: str
+
+    def settings_of(self, cfg: PipelineConfig) -> Section:
+        return self.settings.from_config(cfg)  # type: ignore[attr-defined]
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage(DATA, 2, (), DataSettings, "rlhf_core.data.prepare:run_data_stage", False,
+          ("sft/", "reward/", "ppo/", "ptx/"), ("rows",), "unify, split and blend the sources"),
+    Stage(SFT, 2, (DATA,), SFTSettings, "rlhf_core.trainers.sft:train_sft", True,
+          (MODEL, LOGS), ("eval_loss",), "step 1: supervised fine-tuning of the actor"),
+    Stage(REWARD, 2, (DATA,), RewardSettings, "rlhf_core.trainers.reward:train_reward", True,
+          (MODEL, LOGS), ("eval_accuracy",), "step 2: the reward model"),
+    Stage(PPO, 2, (DATA, SFT, REWARD), PPOSettings, "rlhf_core.trainers.ppo:train_ppo", True,
+          (ACTOR, ACTOR_EMA, CRITIC, LOGS), ("gold_last", "reward_last"), "step 3: PPO"),
+    Stage(EXPORT, 2, (PPO,), ExportSettings, "rlhf_core.stages.export:run_export", False,
+          (FINAL, EMA), ("models",), "the final and EMA actors as plain HF models"),
+    Stage(EVALUATE, 2, (DATA, SFT, REWARD, PPO, EXPORT), EvaluateSettings, "rlhf_core.stages.evaluate:run_evaluate",
+          True, (REPORT, METRICS, SAMPLES, PLOTS), ("win_rate_vs_sft", "gold_reward", "reward_score"),
+          "samples and scores of the SFT, final and EMA actors"),
+]}
+ORDER = list(STAGES)
+
+
+def stage(name: str) -> Stage:
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}") from None
+
+
+def needed_for(name: str) -> set[str]:
+    """``name`` and every stage it is made from, transitively (``needed_for('ppo')`` has no export)."""
+    out = {name}
+    for up in stage(name).inputs:
         out |= needed_for(up)
     return out
 
 
-def _model(spec: ModelSpec) -> dict[str, Any]:
-    from rlhf_core.data.prepare import tokenizer_fingerprint
-
-    out = spec.model_dump(mode="json")
-    # A local tokenizer folder counts by content, not by where the checkout happens to be.
-    out["tokenizer"] = tokenizer_fingerprint(spec.tokenizer_path, spec.revision)
-    return out
+# -------------------------------------------------------------------------------------------------- keys
 
 
-def _key(stage: str, config: dict[str, Any], upstream: dict[str, Manifest]) -> str:
-    return hash_key(
-        {
-            "stage": stage,
-            "version": VERSIONS[stage],
-            "config": config,
-            "upstream": {name: m.content_id for name, m in sorted(upstream.items())},
-        }
-    )
+def key_payload(view: Any, path: str = "", parent: Any = None, read: set[str] | None = None) -> Any:
+    """The JSON a view contributes to its key: every field, with file names replaced by their content
+    (``CONTENT_KEYED`` fields, and a source's files as its layout reads them). ``read`` collects the
+    dotted paths of the fields the payload holds (the tests check a worker's reads against them)."""
+    from rlhf_core.storage.fingerprint import reference_fingerprint
+
+    read = set() if read is None else read
+    if isinstance(view, SourceConfig):
+        out = {name: key_payload(getattr(view, name), f"{path}{name}.", view, read)
+               for name in type(view).model_fields if name not in ("path", "eval_path")}
+        read |= {f"{path}path", f"{path}eval_path"}
+        out["content"] = source_content(view)
+        return out
+    if isinstance(view, BaseModel):
+        out = {}
+        for name, field in type(view).model_fields.items():
+            value = getattr(view, name)
+            if field.json_schema_extra == CONTENT_KEYED:
+                read.add(f"{path}{name}")
+                out[name] = None if value is None else reference_fingerprint(value, getattr(view, "revision", None))
+            else:
+                out[name] = key_payload(value, f"{path}{name}.", view, read)
+        return out
+    if isinstance(view, (list, tuple)) and any(isinstance(v, BaseModel) for v in view):
+        return [key_payload(v, f"{path}{i}.", view, read) for i, v in enumerate(view)]
+    read.add(path.rstrip("."))
+    return to_jsonable_python(view)
 
 
-def data_key(cfg: PipelineConfig) -> str:
-    from rlhf_core.data.prepare import data_stage_key
+def source_content(src: SourceConfig) -> Any:
+    """A data source's content: its files' hashes as its layout reads them, or the hub dataset's commit."""
+    from rlhf_core.data.adapters import source_files
+    from rlhf_core.storage.fingerprint import file_fingerprint, hub_revision
 
-    return data_stage_key(cfg)
-
-
-def sft_config(cfg: PipelineConfig) -> dict[str, Any]:
-    out = {"actor": _model(cfg.models.actor), "sft": cfg.sft.model_dump(mode="json"),
-           "prompt_format": cfg.data.prompt_format, "world_size": cfg.resources.world_size}
-    if cfg.sft.ptx_coef > 0:
-        out["ptx"] = cfg.data.ptx.model_dump(mode="json", exclude={"path"})
-    return out
+    if src.path is None:
+        return {"hub": src.name, "revision": hub_revision(src.name, kind="dataset")}
+    return {url.rsplit("/", 1)[-1]: file_fingerprint(url) for url in source_files(src)}
 
 
-def reward_config(cfg: PipelineConfig) -> dict[str, Any]:
-    # Not the actor: every actor run with the same reward settings shares one reward model.
-    return {"reward_model": _model(cfg.models.reward), "reward": cfg.reward.model_dump(mode="json", exclude={"existing"}),
-            "prompt_format": cfg.data.prompt_format, "world_size": cfg.resources.world_size}
+def key_of_settings(name: str, settings: Section, upstream: dict[str, Manifest]) -> str:
+    s = stage(name)
+    missing = set(s.inputs) - set(upstream)
+    if missing:
+        raise ValueError(f"the {name} key needs the outputs of {sorted(missing)}")
+    return hash_key({"stage": name, "version": s.version, "settings": key_payload(settings),
+                     "upstream": {up: upstream[up].content_id for up in s.inputs}})
 
 
-def ppo_config(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"ppo": cfg.ppo.model_dump(mode="json"), "ema": cfg.ema.model_dump(mode="json"),
-            "mixture": cfg.mixture.model_dump(mode="json"), "ptx": cfg.data.ptx.model_dump(mode="json", exclude={"path"}),
-            "hybrid_engine": cfg.hybrid_engine.model_dump(mode="json"), "prompt_format": cfg.data.prompt_format,
-            "max_prompt_tokens": cfg.data.max_prompt_tokens, "world_size": cfg.resources.world_size,
-            "gold_reward": cfg.eval.gold_reward}
+def key(name: str, cfg: PipelineConfig, upstream: dict[str, Manifest] | None = None) -> str:
+    """The cache key of stage ``name`` for ``cfg``, given the manifests of the stages it is made from."""
+    return key_of_settings(name, stage(name).settings_of(cfg), upstream or {})
 
 
-def sft_key(cfg: PipelineConfig, data: Manifest) -> str:
-    return _key(SFT, sft_config(cfg), {DATA: data})
-
-
-def reward_key(cfg: PipelineConfig, data: Manifest) -> str:
-    return _key(REWARD, reward_config(cfg), {DATA: data})
-
-
-def ppo_key(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest) -> str:
-    return _key(PPO, ppo_config(cfg), {DATA: data, SFT: sft, REWARD: reward})
-
-
-def export_key(cfg: PipelineConfig, ppo: Manifest) -> str:
-    return _key(EXPORT, cfg.export.model_dump(mode="json"), {PPO: ppo})
-
-
-def evaluate_config(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"eval": cfg.eval.model_dump(mode="json"), "prompt_format": cfg.data.prompt_format,
-            "max_answer_len": cfg.eval.max_answer_len or cfg.ppo.generation.max_answer_len,
-            "ptx_block_tokens": cfg.data.ptx.block_tokens}
-
-
-def evaluate_key(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest, export: Manifest) -> str:
-    return _key(EVALUATE, evaluate_config(cfg), {DATA: data, SFT: sft, REWARD: reward, EXPORT: export})
+def headline(m: Manifest) -> str:
+    """The number a person looks at first, as text (``rlhf store ls``, the run summary)."""
+    s = STAGES.get(m.stage)
+    if s is None:
+        return ""
+    if m.stage == EVALUATE:
+        models = m.metrics.get("models") or {}
+        best = models.get("final") or models.get("ema") or {}
+        for k in s.headline:
+            if k in best:
+                return f"final {k} {best[k]:.3f}"
+        return ""
+    for k in s.headline:
+        v = m.metrics.get(k)
+        if isinstance(v, dict):  # data rows per split: the training splits
+            return "rows " + " ".join(f"{n.split('/')[0]} {c}" for n, c in v.items() if n.endswith("/train"))
+        if v is not None:
+            return f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+    return ""

@@ -1,17 +1,34 @@
-"""Experience for PPO: rollouts scored by the reward model, the frozen reference and the critic.
+"""Step 3's experience maker, beside the trainer (OpenRLHF's layout): the models a PPO step runs, and
+rollouts turned into experience: old, reference and critic log-probs / values, reward-model scores,
+KL-shaped rewards, advantages and returns.
 
 Every forward here runs without gradients, in the models' own dtype, over a whole generation batch.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 
-from rlhf_core.data.formats import PromptFormat, render_prompt
-from rlhf_core.engines.hybrid import Rollout, accepts, left_pad, position_ids_from
-from rlhf_core.maths.rl import logprobs_from_logits
+from rlhf_core.config import DeepSpeedConfig, PPOConfig
+from rlhf_core.config.schema import PromptFormat
+from rlhf_core.config.views import PPOSettings
+from rlhf_core.data.formats import render_prompt
+from rlhf_core.engines.hybrid import Rollout, accepts, position_ids_from
+from rlhf_core.engines.training import build_ds_config, frozen_config, frozen_engine, initialize
+from rlhf_core.maths.rl import compute_gae, compute_rewards, logprobs_from_logits
+from rlhf_core.models.causal_lm import load_causal_lm
+from rlhf_core.models.loading import torch_dtype
+from rlhf_core.models.lora import for_training
+from rlhf_core.models.reward_model import RewardMeta, load_reward_model, reward_meta, sequence_scores
+from rlhf_core.models.tokenizers import load_saved_tokenizer, same_tokenizer
+from rlhf_core.stages.context import StageContext
+from rlhf_core.stages.registry import MODEL, REWARD, SFT
+from rlhf_core.trainers.ema import EMA
+from rlhf_core.trainers.metrics import Timer
 
 
 @dataclass(frozen=True)
@@ -119,8 +136,6 @@ class RewardScorer:
             mask[i, :len(r)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         kwargs = model_kwargs(self.model, ids, mask)
-        from rlhf_core.models.reward_model import sequence_scores
-
         values = self.model(kwargs["input_ids"], kwargs["attention_mask"], kwargs.get("position_ids"))
         return sequence_scores(values, mask).float()
 
@@ -140,15 +155,137 @@ class RewardScorer:
         return [p + a + end for p, a in zip(p_ids, a_ids)]
 
 
-def same_tokenizer(a, b) -> bool:
-    """Whether token ids mean the same in both tokenizers (then no text round trip is needed)."""
-    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.bos_token_id == b.bos_token_id
-            and getattr(a, "chat_template", None) == getattr(b, "chat_template", None))
-
-
 def tokenize_prompts(prompts: list[str], tokenizer, fmt: PromptFormat) -> list[list[int]]:
     return tokenizer([render_prompt(p, fmt, tokenizer) for p in prompts], add_special_tokens=True)["input_ids"]
 
 
-__all__ = ["Experience", "RewardScorer", "left_pad", "model_kwargs", "sequence_logprobs", "sequence_values",
-           "same_tokenizer", "tokenize_prompts"]
+def answer_texts(rollout: Rollout, tokenizer) -> list[str]:
+    """Each answer's text, up to and including its end (special tokens, EOS among them, left out)."""
+    answers = [r[m.bool()].tolist() for r, m in zip(rollout.responses.cpu(), rollout.response_mask.cpu())]
+    return [t.strip() for t in tokenizer.batch_decode(answers, skip_special_tokens=True)]
+
+
+def gold_scores(gold: str, prompts: list[str], answers: list[str]) -> list[float] | None:
+    """A programmatic gold reward per answer (``eval.gold_reward``), or None when there is none."""
+    if gold == "none":
+        return None
+    from rlhf_core.data.tiny_task import gold_reward
+
+    return [gold_reward(p, a) for p, a in zip(prompts, answers)]
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class Models:
+    """Everything step 3 runs: two trained engines, two frozen models, the EMA, the tokenizers."""
+
+    actor: Any  # DeepSpeed engine
+    critic: Any  # DeepSpeed engine
+    ref: torch.nn.Module
+    reward: torch.nn.Module
+    ema: EMA | None
+    actor_tok: Any
+    reward_tok: Any
+    reward_meta: RewardMeta
+    ref_offloaded: bool = False  # moved whole to the accelerator per phase (not when ZeRO-3 partitions it)
+    reward_offloaded: bool = False
+
+
+def build_models(ctx: StageContext, total_updates: int) -> Models:
+    """Actor and critic engines (from the SFT and reward outputs), the frozen reference and reward model,
+    the EMA of the actor, and the two tokenizers."""
+    settings: PPOSettings = ctx.settings
+    ppo, dist = settings.ppo, ctx.dist
+    sft_path, reward_path = ctx.fetch(SFT, MODEL), ctx.fetch(REWARD, MODEL)
+    actor_tok = load_saved_tokenizer(sft_path, padding_side="left")
+    reward_tok = load_saved_tokenizer(reward_path, padding_side="right")
+    micro = ppo.train_micro_batch_size
+
+    # Under ZeRO-3 every model is partitioned across the ranks as it loads, so no rank holds a whole copy.
+    actor_ds = build_ds_config(ppo.actor.deepspeed, ppo.actor.optimizer, micro, 1, dist.world_size)
+    actor = for_training(load_causal_lm(sft_path, dropout=ppo.actor.dropout, what="the SFT actor",
+                                        partition_with=actor_ds), ppo.actor.lora, ppo.actor.gradient_checkpointing)
+    actor_engine = initialize(actor, actor_ds, ppo.actor.optimizer, total_updates)
+
+    critic_ds = build_ds_config(ppo.critic.deepspeed, ppo.critic.optimizer, micro, 1, dist.world_size)
+    critic = for_training(load_reward_model(reward_path, dropout=ppo.critic.dropout, partition_with=critic_ds),
+                          ppo.critic.lora, ppo.critic.gradient_checkpointing)
+    critic_engine = initialize(critic, critic_ds, ppo.critic.optimizer, total_updates)
+
+    ref, ref_offloaded = frozen_model(
+        lambda dtype, ds: load_causal_lm(sft_path, dtype=dtype, dropout=0.0, what="the reference (SFT) model",
+                                         partition_with=ds),
+        ppo.actor.deepspeed, ppo.offload_reference, micro, dist)
+    reward, reward_offloaded = frozen_model(
+        lambda dtype, ds: load_reward_model(reward_path, dtype=dtype, dropout=0.0, partition_with=ds),
+        ppo.critic.deepspeed, ppo.offload_reward, micro, dist)
+    ema = None
+    if settings.ema.enabled:
+        ema = EMA(actor_engine.module, settings.ema.beta, actor_engine.zero_optimization_stage() == 3, ctx.is_main,
+                  on_cpu=settings.ema.on_cpu)
+    return Models(actor_engine, critic_engine, ref, reward, ema, actor_tok, reward_tok, reward_meta(reward_path),
+                  ref_offloaded, reward_offloaded)
+
+
+def frozen_model(load: Callable[[torch.dtype, dict | None], torch.nn.Module], trainee: DeepSpeedConfig, offload: bool,
+            micro: int, dist) -> tuple[torch.nn.Module, bool]:
+    """A frozen model (reference, reward) set up like its trainee (actor, critic): beside a ZeRO-3 trainee a
+    ZeRO-3 inference engine, partitioned as it loads (``offload`` keeps the partitions in host memory); else a
+    whole copy on the accelerator, or in host memory between phases when ``offload``. Returns the model and
+    whether ``on_device`` must move it."""
+    dtype = torch_dtype(trainee.precision)
+    if trainee.zero_stage == 3:
+        ds = frozen_config(trainee.precision, offload, micro, dist.world_size)
+        return frozen_engine(load(dtype, ds), ds), False
+    model = load(dtype, None).requires_grad_(False).eval()
+    return model.to("cpu" if offload else dist.device), offload
+
+
+@contextmanager
+def on_device(module: torch.nn.Module, device: torch.device, offloaded: bool) -> Iterator[torch.nn.Module]:
+    """Bring an offloaded frozen model to the accelerator for one phase, then back to host memory."""
+    if not offloaded or device.type == "cpu":
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to("cpu")
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------- experience
+
+
+def make_experience(m: Models, scorer: RewardScorer, rollout: Rollout, prompts: list[str], ppo: PPOConfig,
+                    kl_coef: float, timer: Timer) -> tuple[Experience, torch.Tensor]:
+    """Phases 2-4 for one generation batch: score, shape rewards, advantages (not yet whitened).
+
+    Returns the experience and the reward model's raw scores [B] (before normalising and scaling)."""
+    device = rollout.sequences.device
+    temperature = ppo.generation.logprob_temperature
+    seq, att, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
+    mask = rollout.response_mask.float()
+    chunk = ppo.train_micro_batch_size  # rows per scoring forward: bounds the [rows, A, vocab] logits
+    with timer("score"), torch.no_grad():
+        m.actor.eval()
+        old_logprobs = sequence_logprobs(m.actor, seq, att, P, temperature, chunk)
+        with on_device(m.ref, device, m.ref_offloaded) as ref:
+            ref_logprobs = sequence_logprobs(ref, seq, att, P, temperature, chunk)
+        m.critic.eval()
+        values = sequence_values(m.critic, seq, att, P, chunk).float()
+        with on_device(m.reward, device, m.reward_offloaded):
+            raw = scorer(prompts, rollout)
+    scores = raw
+    if ppo.normalize_reward:
+        scores = (scores - m.reward_meta.score_mean) / max(m.reward_meta.score_std, 1e-6)
+    scores = scores * ppo.reward_scale
+    with timer("advantages"):
+        rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, ppo.kl.estimator,
+                                      clip=ppo.reward_clip)
+        advantages, returns = compute_gae(rewards, values, mask, ppo.gamma, ppo.lam)
+    exp = Experience(seq, att, mask, old_logprobs, ref_logprobs, values, scores, rewards, kl, advantages, returns, P)
+    return exp, raw

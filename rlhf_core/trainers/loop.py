@@ -19,11 +19,13 @@ from typing import Callable
 
 import torch
 
+from rlhf_core.data.batches import epoch_batches
 from rlhf_core.config import TrainStageConfig
 from rlhf_core.engines.training import check_finite_grad_norm
 from rlhf_core.trainers.metrics import MetricsLog, Progress
-from rlhf_core.trainers.state import (StageContext, all_reduce_sum, epoch_batches, load_checkpoint,
-                                       maybe_inject_fault, save_checkpoint)
+from rlhf_core.stages.context import StageContext
+from rlhf_core.trainers.state import (TrainState, all_reduce_sum, maybe_inject_fault, resume,
+                                      save_checkpoint)
 
 # (row indices, window units, global micro-batch index) -> (loss to backprop, per-micro metric sums)
 StepFn = Callable[[list[int], float, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -52,19 +54,16 @@ def plan_steps(cfg: TrainStageConfig, n_rows: int, world: int) -> tuple[int, int
     return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> MetricsLog:
+def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> tuple[MetricsLog, TrainState]:
+    """Train to the end (from the latest checkpoint, if any); returns the metric log and the final state."""
     cfg = spec.stage_cfg
     world, rank, accum = ctx.dist.world_size, ctx.dist.rank, cfg.gradient_accumulation_steps
     per_epoch, total = plan_steps(cfg, spec.n_rows, world)
     ctx.log(f"{spec.n_rows} rows, {per_epoch} steps/epoch, {total} steps; global batch "
             f"{cfg.micro_batch_size * accum * world} = micro {cfg.micro_batch_size} x accum {accum} x {world} procs")
 
-    state = load_checkpoint(ctx, {"engine": engine})
-    resumed = state is not None
-    state = state or {"global_step": 0, "epoch": 0, "micro_pos": 0, "history": [], "resumed_from": []}
-    step, epoch, micro_pos = state["global_step"], state["epoch"], state["micro_pos"]
-    log = MetricsLog(ctx.stage, ctx.run_id, ctx.is_main, history=state["history"])
-    log.resumed_from = state["resumed_from"] + ([step] if resumed else [])
+    state, log = resume(ctx, {"engine": engine})
+    step, epoch, micro_pos = state.global_step, state.epoch, state.pos
     if step == 0:
         log.log(0, {f"eval/{k}": v for k, v in spec.evaluate().items()})
     progress = Progress(ctx.stage, total, initial=step, enabled=ctx.is_main)
@@ -100,9 +99,8 @@ def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> MetricsLog:
                 log.log(step, {f"eval/{k}": v for k, v in spec.evaluate().items()})
             progress.update(1, **{k: v for k, v in row.items() if k == "loss"})
             if step % cfg.checkpoint_every == 0 and step < total:
-                save_checkpoint(ctx, step, {"engine": engine},
-                                {"global_step": step, "epoch": epoch, "micro_pos": mi + 1, "history": log.history,
-                                 "resumed_from": log.resumed_from})
+                state.global_step, state.epoch, state.pos = step, epoch, mi + 1
+                save_checkpoint(ctx, {"engine": engine}, state)
             maybe_inject_fault(ctx.stage, step)
             if step >= total:
                 break
@@ -112,4 +110,5 @@ def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> MetricsLog:
         break
     log.log(step, {f"eval/{k}": v for k, v in spec.evaluate().items()})
     progress.close()
-    return log
+    state.global_step, state.epoch = step, epoch
+    return log, state

@@ -16,7 +16,8 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 PROGRESS_PREFIX = "@@progress "
 
@@ -25,7 +26,6 @@ class MetricsLog:
     def __init__(self, stage: str, run_id: str, enabled: bool, history: list[dict[str, Any]] | None = None):
         self.stage, self.enabled = stage, enabled
         self.history: list[dict[str, Any]] = list(history or [])
-        self.resumed_from: list[int] = []  # steps this stage restarted from after a crash
         self._writer = None
         self._jsonl = None
         if enabled:
@@ -63,30 +63,49 @@ class MetricsLog:
             self._jsonl.close()
 
     def export(self, out_dir: str, title: str) -> list[str]:
-        """Write metrics.jsonl, tensorboard/ and curves.png into ``out_dir``; returns the files written."""
+        """Write metrics.jsonl, tensorboard/ and curves.png into ``out_dir``; returns the files written.
+
+        Wall-clock timings (``timing/*``) stay out: an output's files must be the same bytes whenever its key
+        is (they are in the live run directory and, summarised, in the manifest: ``timing_summary``)."""
         os.makedirs(out_dir, exist_ok=True)
+        history = [{k: v for k, v in row.items() if not k.startswith("timing/")} for row in self.history]
         files = [os.path.join(out_dir, "metrics.jsonl")]
         with open(files[0], "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in self.history)
-        files += write_tensorboard(self.history, os.path.join(out_dir, "tensorboard"))
+            f.writelines(json.dumps(row) + "\n" for row in history)
+        files.append(write_tensorboard(history, os.path.join(out_dir, "tensorboard")))
         png = os.path.join(out_dir, "curves.png")
-        if plot_curves(self.history, png, title):
+        if plot_curves(history, png, title):
             files.append(png)
         return files
 
 
-def write_tensorboard(history: list[dict[str, Any]], log_dir: str) -> list[str]:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return []
-    writer = SummaryWriter(log_dir)
+def timing_summary(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds per logged step of every ``timing/*`` metric (for the manifest)."""
+    sums: dict[str, list[float]] = {}
     for row in history:
         for k, v in row.items():
-            if k != "step":
-                writer.add_scalar(k, v, row["step"])
-    writer.close()
-    return [os.path.join(log_dir, f) for f in sorted(os.listdir(log_dir))]
+            if k.startswith("timing/"):
+                sums.setdefault(k.removeprefix("timing/"), []).append(v)
+    return {k: round(sum(v) / len(v), 4) for k, v in sorted(sums.items())}
+
+
+def write_tensorboard(history: list[dict[str, Any]], log_dir: str) -> str:
+    """One TensorBoard event file of the history, byte-for-byte a function of it: wall time is the step
+    (TensorBoard's own writer stamps the clock and the host into the file and its name)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    os.makedirs(log_dir, exist_ok=True)
+    path = os.path.join(log_dir, "events.out.tfevents.rlhf")
+    with open(path, "wb") as f:
+        writer = RecordWriter(f)
+        writer.write(Event(wall_time=0.0, file_version="brain.Event:2").SerializeToString())
+        for row in history:
+            step = int(row["step"])
+            values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in row.items() if k != "step"]
+            writer.write(Event(wall_time=float(step), step=step, summary=Summary(value=values)).SerializeToString())
+    return path
 
 
 def series(history: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
@@ -165,3 +184,24 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class Timer:
+    """Wall time per named phase (device-synchronised), for ``timing/*`` metrics."""
+
+    def __init__(self, device):
+        self.device, self.times = device, {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)  # host-device sync: only for honest phase timings

@@ -4,24 +4,27 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from rlhf_core.stages import registry as stages
+from rlhf_core.config.views import RewardSettings
 from rlhf_core.data.formats import render_answer, render_prompt
 from rlhf_core.data.prepare import load_split
 from rlhf_core.engines.training import build_ds_config, initialize
+from rlhf_core.maths.rl import masked_mean_var
+from rlhf_core.models.card import base_name, model_card
 from rlhf_core.models.lora import for_training, merge_lora
-from rlhf_core.models.reward_model import build_reward_model, save_reward_model, sequence_scores
+from rlhf_core.models.reward_model import RewardMeta, build_reward_model, save_reward_model, sequence_scores
 from rlhf_core.models.tokenizers import load_tokenizer
+from rlhf_core.stages.context import StageContext
+from rlhf_core.stages.registry import DATA, LOGS, MODEL, REWARD
 from rlhf_core.storage.store import Manifest
-from rlhf_core.trainers.state import StageContext, all_reduce_sum, gather_state_dict, load_into_skeleton, put_logs
+from rlhf_core.trainers.metrics import timing_summary
 from rlhf_core.trainers.loop import LoopSpec, plan_steps, run_loop
-from rlhf_core.trainers.sft import _card
+from rlhf_core.trainers.state import gather_state_dict, load_into_skeleton
 
 
 @dataclass
@@ -31,8 +34,9 @@ class Pair:
 
 
 def tokenize_preferences(ctx: StageContext, split: str, tokenizer) -> list[Pair]:
-    ds = load_split(ctx.store, ctx.upstream[stages.DATA], f"reward/{split}")
-    fmt, max_len, eos = ctx.cfg.data.prompt_format, ctx.cfg.reward.max_seq_len, tokenizer.eos_token_id
+    settings: RewardSettings = ctx.settings
+    ds = load_split(ctx.store, ctx.upstream[DATA], f"{REWARD}/{split}")
+    fmt, max_len, eos = settings.prompt_format, settings.reward.max_seq_len, tokenizer.eos_token_id
     prompts = tokenizer([render_prompt(p, fmt, tokenizer) for p in ds["prompt"]], add_special_tokens=True)["input_ids"]
     chosen = tokenizer([render_answer(a, fmt) for a in ds["chosen"]], add_special_tokens=False)["input_ids"]
     rejected = tokenizer([render_answer(a, fmt) for a in ds["rejected"]], add_special_tokens=False)["input_ids"]
@@ -87,25 +91,17 @@ def evaluate_reward(engine, pairs: list[Pair], pad_id: int, micro: int, rank: in
     return metrics, torch.cat(all_scores) if all_scores else torch.zeros(0, dtype=torch.float64)
 
 
-def _score_stats(local_scores: torch.Tensor) -> tuple[float, float]:
-    """Mean and std of scores over all ranks."""
-    sums = all_reduce_sum({"s": local_scores.sum().item(), "ss": (local_scores**2).sum().item(),
-                           "n": float(local_scores.numel())})
-    s, ss, n = sums["s"], sums["ss"], sums["n"]
-    mean = s / max(n, 1)
-    return mean, max(ss / max(n, 1) - mean * mean, 0.0) ** 0.5
-
-
 def train_reward(ctx: StageContext) -> Manifest | None:
-    cfg, rw, dist = ctx.cfg, ctx.cfg.reward, ctx.dist
+    settings: RewardSettings = ctx.settings
+    rw, dist = settings.reward, ctx.dist
     torch.manual_seed(rw.seed)
-    tokenizer = load_tokenizer(cfg.models.reward, "reward")
+    tokenizer = load_tokenizer(settings.reward_model, "reward")
     train = tokenize_preferences(ctx, "train", tokenizer)
     evals = tokenize_preferences(ctx, "eval", tokenizer)
     _, total_steps = plan_steps(rw, len(train), dist.world_size)
     ds_config = build_ds_config(rw.deepspeed, rw.optimizer, rw.micro_batch_size, rw.gradient_accumulation_steps,
                                 dist.world_size)
-    engine = initialize(_build(ctx, tokenizer, ds_config), ds_config, rw.optimizer, total_steps)
+    engine = initialize(_build(settings, tokenizer, ds_config), ds_config, rw.optimizer, total_steps)
     pad = tokenizer.pad_token_id
 
     def step(rows: list[int], window_units: float, _micro_index: int):
@@ -120,12 +116,13 @@ def train_reward(ctx: StageContext) -> Manifest | None:
 
     spec = LoopSpec(rw, len(train), len, step, evaluate)
     t0 = time.perf_counter()
-    log = run_loop(ctx, engine, spec)
+    log, state = run_loop(ctx, engine, spec)
     train_s = time.perf_counter() - t0
 
     _, scores = evaluate_reward(engine, evals, pad, rw.micro_batch_size, dist.rank, dist.world_size, dist.device)
-    mean, std = _score_stats(scores)
-    state = gather_state_dict(engine)
+    mean, var = masked_mean_var(scores, torch.ones_like(scores), across_ranks=True)
+    mean, std = float(mean), float(var) ** 0.5
+    weights = gather_state_dict(engine)
     if not ctx.is_main:
         return None
     first = next(r for r in log.history if "eval/accuracy" in r)
@@ -133,26 +130,25 @@ def train_reward(ctx: StageContext) -> Manifest | None:
         "eval_accuracy_before": first["eval/accuracy"], "eval_accuracy": log.last("eval/accuracy"),
         "eval_chosen_score": log.last("eval/chosen_score"), "eval_rejected_score": log.last("eval/rejected_score"),
         "score_mean": mean, "score_std": std, "train_loss": log.last("loss"),
-        "steps": max(r["step"] for r in log.history), "train_pairs": len(train), "train_seconds": round(train_s, 2),
-        "resumed_from": log.resumed_from,
+        "steps": state.global_step, "train_pairs": len(train), "train_seconds": round(train_s, 2),
+        "resumed_from": state.resumed_from, "timing_summary": timing_summary(log.history),
     }
-    with ctx.store.open_output(ctx.stage, ctx.key) as out, tempfile.TemporaryDirectory() as tmp:
-        skeleton = merge_lora(load_into_skeleton(_build(ctx, tokenizer, for_export=True), state))
-        meta = {"score_mean": mean, "score_std": std, "max_seq_len": rw.max_seq_len,
-                "prompt_format": cfg.data.prompt_format, "eval_accuracy": metrics["eval_accuracy"]}
-        save_reward_model(skeleton, tokenizer, os.path.join(tmp, "model"), meta)
-        with open(os.path.join(tmp, "model", "README.md"), "w") as f:
-            f.write(_card("Reward model", cfg.models.reward.name_or_path or "architecture", metrics))
-        out.put_dir(os.path.join(tmp, "model"), "model")
-        put_logs(out, log, tmp, f"Reward model {ctx.key[:8]}")
-        manifest = out.commit(stage_version=stages.VERSIONS[stages.REWARD], config=stages.reward_config(cfg),
-                              upstream=ctx.upstream, metrics=metrics, producer=ctx.producer)
+    meta = RewardMeta(score_mean=mean, score_std=std, max_seq_len=rw.max_seq_len, prompt_format=settings.prompt_format,
+                      eval_accuracy=metrics["eval_accuracy"])
+
+    def write(folder: str) -> None:
+        skeleton = merge_lora(load_into_skeleton(_build(settings, tokenizer, for_export=True), weights))
+        save_reward_model(skeleton, tokenizer, os.path.join(folder, MODEL), meta,
+                          card=model_card("Reward model", base_name(settings.reward_model), metrics=metrics))
+        log.export(os.path.join(folder, LOGS), f"Reward model {ctx.key[:8]}")
+
+    manifest = ctx.write_output(write, metrics)
     log.close()
     return manifest
 
 
-def _build(ctx: StageContext, tokenizer, ds_config: dict | None = None, for_export: bool = False):
+def _build(settings: RewardSettings, tokenizer, ds_config: dict | None = None, for_export: bool = False):
     """The reward model to train (``ds_config``: partitioned as it loads under ZeRO-3) or, for export, a whole one."""
-    rw = ctx.cfg.reward
-    model = build_reward_model(ctx.cfg.models.reward, tokenizer, dropout=rw.dropout, partition_with=ds_config)
+    rw = settings.reward
+    model = build_reward_model(settings.reward_model, tokenizer, dropout=rw.dropout, partition_with=ds_config)
     return for_training(model, rw.lora, rw.gradient_checkpointing and not for_export)

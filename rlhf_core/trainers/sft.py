@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from rlhf_core.stages import registry as stages
+from rlhf_core.config.views import SFTSettings
 from rlhf_core.data.formats import render_answer, render_prompt
 from rlhf_core.data.prepare import load_split
+from rlhf_core.data.ptx import PtxSchedule, load_blocks
 from rlhf_core.engines.training import build_ds_config, initialize
+from rlhf_core.models.card import base_name, model_card
+from rlhf_core.models.loading import torch_dtype
 from rlhf_core.models.causal_lm import build_causal_lm, save_causal_lm
 from rlhf_core.models.lora import for_training
 from rlhf_core.models.tokenizers import load_tokenizer
 from rlhf_core.storage.store import Manifest
-from rlhf_core.trainers.state import StageContext, gather_state_dict, load_into_skeleton, put_logs
+from rlhf_core.stages.context import StageContext
+from rlhf_core.stages.registry import DATA, LOGS, MODEL, SFT
+from rlhf_core.trainers.state import gather_state_dict, load_into_skeleton
+from rlhf_core.trainers.metrics import timing_summary
 from rlhf_core.trainers.loop import LoopSpec, plan_steps, run_loop
 
 IGNORE = -100
@@ -79,12 +84,11 @@ def label_tokens(e: Example) -> int:
 
 
 def examples_from_split(ctx: StageContext, split: str, tokenizer) -> tuple[list[Example], int]:
-    data = ctx.upstream[stages.DATA]
-    ds = load_split(ctx.store, data, f"sft/{split}")
-    fmt = ctx.cfg.data.prompt_format
-    prompts = [render_prompt(p, fmt, tokenizer) for p in ds["prompt"]]
-    answers = [render_answer(a, fmt) for a in ds["chosen"]]
-    return tokenize_pairs(prompts, answers, tokenizer, ctx.cfg.sft.max_seq_len, ctx.cfg.sft.mask_prompt)
+    s: SFTSettings = ctx.settings
+    ds = load_split(ctx.store, ctx.upstream[DATA], f"{SFT}/{split}")
+    prompts = [render_prompt(p, s.prompt_format, tokenizer) for p in ds["prompt"]]
+    answers = [render_answer(a, s.prompt_format) for a in ds["chosen"]]
+    return tokenize_pairs(prompts, answers, tokenizer, s.sft.max_seq_len, s.sft.mask_prompt)
 
 
 def evaluate_lm(engine, examples: list[Example], pad_id: int, micro: int, rank: int, world: int,
@@ -112,26 +116,24 @@ def evaluate_lm(engine, examples: list[Example], pad_id: int, micro: int, rank: 
 
 
 def train_sft(ctx: StageContext) -> Manifest | None:
-    cfg, sft, dist = ctx.cfg, ctx.cfg.sft, ctx.dist
+    settings: SFTSettings = ctx.settings
+    sft, dist = settings.sft, ctx.dist
     torch.manual_seed(sft.seed)
-    tokenizer = load_tokenizer(cfg.models.actor, "actor")
+    tokenizer = load_tokenizer(settings.actor, "actor")
     train, dropped = examples_from_split(ctx, "train", tokenizer)
     evals, _ = examples_from_split(ctx, "eval", tokenizer)
     if not evals:
         raise ValueError("every SFT eval example was truncated away; raise sft.max_seq_len")
     _, total_steps = plan_steps(sft, len(train), dist.world_size)
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(sft.deepspeed.precision, torch.float32)
     ds_config = build_ds_config(sft.deepspeed, sft.optimizer, sft.micro_batch_size, sft.gradient_accumulation_steps,
                                 dist.world_size)
-    engine = initialize(_build_actor(ctx, tokenizer, ds_config), ds_config, sft.optimizer, total_steps)
+    engine = initialize(_build_actor(settings, tokenizer, ds_config), ds_config, sft.optimizer, total_steps)
     pad = tokenizer.pad_token_id
     ptx = None
-    if sft.ptx_coef > 0:
-        from rlhf_core.data.ptx import PtxSchedule, load_blocks
-
-        blocks = load_blocks(ctx.store, ctx.upstream[stages.DATA], tokenizer, cfg.data.ptx.block_tokens,
-                             cfg.data.ptx.max_blocks)
+    if settings.ptx is not None:
+        blocks = load_blocks(ctx.store, ctx.upstream[DATA], tokenizer, settings.ptx.block_tokens,
+                             settings.ptx.max_blocks)
         ptx = PtxSchedule(blocks, sft.micro_batch_size, dist.rank, dist.world_size, sft.seed + 1)
 
     def step(rows: list[int], window_units: float, micro_index: int):
@@ -151,45 +153,35 @@ def train_sft(ctx: StageContext) -> Manifest | None:
     spec = LoopSpec(sft, len(train), lambda rows: sum(label_tokens(train[i]) for i in rows), step,
                     lambda: evaluate_lm(engine, evals, pad, sft.micro_batch_size, dist.rank, dist.world_size, dist.device))
     t0 = time.perf_counter()
-    log = run_loop(ctx, engine, spec)
+    log, state = run_loop(ctx, engine, spec)
     train_s = time.perf_counter() - t0
 
-    export_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.export.dtype, torch.float32)
-    state = gather_state_dict(engine, export_dtype if dtype != torch.float32 else None)
+    # Saved in the precision it trained in: the module's weights are that dtype (fp32 masters stay in the optimizer).
+    dtype = torch_dtype(sft.deepspeed.precision)
+    weights = gather_state_dict(engine, dtype)
     if not ctx.is_main:
         return None
     first = next(r for r in log.history if "eval/loss" in r)
     metrics = {
         "eval_loss_before": first["eval/loss"], "eval_loss": log.last("eval/loss"),
         "eval_perplexity": log.last("eval/perplexity"), "train_loss": log.last("loss"),
-        "steps": max(r["step"] for r in log.history), "train_rows": len(train), "dropped_no_answer": dropped,
-        "train_seconds": round(train_s, 2),
-        "resumed_from": log.resumed_from,
+        "steps": state.global_step, "train_rows": len(train), "dropped_no_answer": dropped,
+        "train_seconds": round(train_s, 2), "resumed_from": state.resumed_from, "timing_summary": timing_summary(log.history),
     }
-    with ctx.store.open_output(ctx.stage, ctx.key) as out, tempfile.TemporaryDirectory() as tmp:
-        skeleton = _build_actor(ctx, tokenizer, for_export=True)
-        load_into_skeleton(skeleton, state)
-        save_causal_lm(skeleton, tokenizer, os.path.join(tmp, "model"), dtype=export_dtype,
-                       card=_card("SFT actor", cfg.models.actor.name_or_path or "architecture", metrics))
-        out.put_dir(os.path.join(tmp, "model"), "model")
-        put_logs(out, log, tmp, f"SFT {ctx.key[:8]}")
-        manifest = out.commit(stage_version=stages.VERSIONS[stages.SFT], config=stages.sft_config(cfg),
-                              upstream=ctx.upstream, metrics=metrics, producer=ctx.producer)
+
+    def write(folder: str) -> None:
+        skeleton = load_into_skeleton(_build_actor(settings, tokenizer, for_export=True), weights)
+        save_causal_lm(skeleton, tokenizer, os.path.join(folder, MODEL), dtype=dtype,
+                       card=model_card("SFT actor", base_name(settings.actor), metrics=metrics))
+        log.export(os.path.join(folder, LOGS), f"SFT {ctx.key[:8]}")
+
+    manifest = ctx.write_output(write, metrics)
     log.close()
     return manifest
 
 
-def _build_actor(ctx: StageContext, tokenizer, ds_config: dict | None = None, for_export: bool = False):
+def _build_actor(settings: SFTSettings, tokenizer, ds_config: dict | None = None, for_export: bool = False):
     """The actor to train (``ds_config``: partitioned as it loads under ZeRO-3) or, for export, a whole one."""
-    sft = ctx.cfg.sft
-    model = build_causal_lm(ctx.cfg.models.actor, tokenizer, dropout=sft.dropout, partition_with=ds_config)
+    sft = settings.sft
+    model = build_causal_lm(settings.actor, tokenizer, dropout=sft.dropout, partition_with=ds_config)
     return for_training(model, sft.lora, sft.gradient_checkpointing and not for_export)
-
-
-def _card(title: str, base: str, metrics: dict) -> str:
-    """A short model card; wall-clock numbers and resume history stay in the manifest, so that the same
-    training gives byte-identical model folders however often it was interrupted."""
-    lines = [f"# {title}", "", f"Base: `{base}`. Trained by rlhf-flow.", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-              for k, v in metrics.items() if not k.endswith("seconds") and k != "resumed_from"]
-    return "\n".join(lines) + "\n"

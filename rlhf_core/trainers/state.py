@@ -1,19 +1,20 @@
-"""What the SFT, reward and PPO trainers share: the stage context, a deterministic batch schedule, exact
-checkpoint/resume across several DeepSpeed engines, and gathering full weights (ZeRO-3 included)."""
+"""What the SFT, reward and PPO trainers share: the resume state, a deterministic batch schedule, exact
+checkpoint/resume across several DeepSpeed engines, the fault seam, and gathering full weights (ZeRO-3
+included)."""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
+from rlhf_core.engines.training import barrier
+from rlhf_core.stages.context import StageContext
 from rlhf_core.storage.checkpoint import capture_rng, load_tree, restore_rng, save_tree
-from rlhf_core.config import PipelineConfig
-from rlhf_core.engines.training import DistInfo, barrier
-from rlhf_core.storage.store import Manifest, Store
+from rlhf_core.trainers.metrics import MetricsLog
 
 TRAINER_STATE = "trainer_state_rank{rank}"
 
@@ -23,45 +24,16 @@ class ResumeError(RuntimeError):
 
 
 @dataclass
-class StageContext:
-    cfg: PipelineConfig
-    store: Store
-    stage: str
-    key: str
-    upstream: dict[str, Manifest]
-    dist: DistInfo
-    producer: dict[str, Any] = field(default_factory=dict)
+class TrainState:
+    """Where a training stage is: saved with every checkpoint (one file per rank), restored on resume, so a
+    restart continues with the very next batch."""
 
-    @property
-    def is_main(self) -> bool:
-        return self.dist.is_main
-
-    @property
-    def run_id(self) -> str:
-        return self.key[:12]
-
-    def log(self, msg: str) -> None:
-        if self.is_main:
-            print(f"[{self.stage}] {msg}", flush=True)
-
-
-# ---------------------------------------------------------------------------------------- batch schedule
-
-
-def epoch_batches(n_rows: int, micro: int, world: int, seed: int, epoch: int) -> list[list[list[int]]]:
-    """Micro-batches of one epoch for every rank: ``[step][rank] -> row indices``.
-
-    One seeded permutation, cut into global batches of ``micro * world`` rows; rank r takes the r-th slice;
-    the ragged tail is dropped. Every rank can see every rank's rows (to count tokens for exact loss
-    normalisation) and a restart knows exactly where it was.
-    """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n_rows, generator=g).tolist()
-    per_step = micro * world
-    return [
-        [perm[s * per_step + r * micro: s * per_step + (r + 1) * micro] for r in range(world)]
-        for s in range(n_rows // per_step)
-    ]
+    global_step: int = 0
+    epoch: int = 0
+    pos: int = 0  # the epoch's next batch: a micro-batch (SFT, reward) or a PPO step
+    history: list[dict[str, Any]] = field(default_factory=list)  # the metric history (MetricsLog's rows)
+    resumed_from: list[int] = field(default_factory=list)  # steps this stage restarted from after a crash
+    extra: dict[str, Any] = field(default_factory=dict)  # a trainer's own: the KL controller, the EMA weights
 
 
 # ------------------------------------------------------------------------------------------ fault seam
@@ -97,19 +69,19 @@ def maybe_inject_fault(stage: str, step: int) -> None:
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(ctx: StageContext, step: int, engines: dict[str, Any], state: dict[str, Any]) -> None:
+def save_checkpoint(ctx: StageContext, engines: dict[str, Any], state: TrainState) -> None:
     """Every engine (weights, optimizer, LR schedule) plus this rank's trainer state and RNG streams."""
     t0 = time.perf_counter()
-    state = {**state, "key": ctx.key, "step": step, "rng": capture_rng()}
-    with ctx.store.write_checkpoint(ctx.stage, ctx.key, step, ctx.cfg.storage.checkpoints_to_keep,
+    tree = {"key": ctx.key, "rng": capture_rng(), "state": {f.name: getattr(state, f.name) for f in fields(state)}}
+    with ctx.store.write_checkpoint(ctx.stage, ctx.key, state.global_step, ctx.storage.checkpoints_to_keep,
                                     rank=ctx.dist.rank, barrier=barrier) as folder:
         for name, engine in engines.items():
             engine.save_checkpoint(folder, tag=name, save_latest=False)
-        save_tree(state, os.path.join(folder, TRAINER_STATE.format(rank=ctx.dist.rank)))
-    ctx.log(f"checkpoint step {step} saved in {time.perf_counter() - t0:.1f}s")
+        save_tree(tree, os.path.join(folder, TRAINER_STATE.format(rank=ctx.dist.rank)))
+    ctx.log(f"checkpoint step {state.global_step} saved in {time.perf_counter() - t0:.1f}s")
 
 
-def load_checkpoint(ctx: StageContext, engines: dict[str, Any]) -> dict[str, Any] | None:
+def load_checkpoint(ctx: StageContext, engines: dict[str, Any]) -> TrainState | None:
     """Restore the latest complete checkpoint into ``engines`` and the RNG streams; returns the trainer
     state, or None when the stage starts fresh."""
     step = ctx.store.latest_checkpoint(ctx.stage, ctx.key)
@@ -122,10 +94,10 @@ def load_checkpoint(ctx: StageContext, engines: dict[str, Any]) -> dict[str, Any
             f"checkpoint {ctx.store.url_of(ctx.stage, ctx.key)}/checkpoints/step-{step:06d} has no state for rank "
             f"{ctx.dist.rank}: it was written by a run with another world size; delete it or restore that size"
         )
-    state = load_tree(state_file)
-    if state.get("key") != ctx.key:
+    tree = load_tree(state_file)
+    if tree.get("key") != ctx.key:
         raise ResumeError(
-            f"checkpoint step {step} under {ctx.stage}/{ctx.key} was written for stage key {state.get('key')!r}, "
+            f"checkpoint step {step} under {ctx.stage}/{ctx.key} was written for stage key {tree.get('key')!r}, "
             "not this config's; it was copied or edited by hand: delete that checkpoint folder to start fresh"
         )
     for name, engine in engines.items():
@@ -133,9 +105,22 @@ def load_checkpoint(ctx: StageContext, engines: dict[str, Any]) -> dict[str, Any
                                               load_lr_scheduler_states=True)
         if load_path is None:
             raise ResumeError(f"checkpoint step {step} has no state for engine {name!r}")
-    restore_rng(state["rng"])
+    restore_rng(tree["rng"])
     ctx.log(f"resumed from checkpoint step {step}")
-    return state
+    return TrainState(**tree["state"])
+
+
+def resume(ctx: StageContext, engines: dict[str, Any]) -> tuple[TrainState, MetricsLog]:
+    """The state to start from (the latest checkpoint's, or a fresh one) and the metric log that continues
+    its history."""
+    state = load_checkpoint(ctx, engines)
+    if state is None:
+        state = TrainState()
+    else:
+        state.resumed_from.append(state.global_step)
+    log = MetricsLog(ctx.stage, ctx.run_id, ctx.is_main, history=state.history)
+    state.history = log.history  # one list: what the log appends, the next checkpoint saves
+    return state, log
 
 
 # -------------------------------------------------------------------------------------------- reductions
@@ -151,13 +136,6 @@ def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
         t = t.cuda()
     torch.distributed.all_reduce(t)
     return {k: float(v) for k, v in zip(keys, t.tolist())}
-
-
-def put_logs(out, log, tmp: str, title: str) -> None:
-    """The stage's metric history as ``logs/`` (metrics.jsonl, TensorBoard events, curves.png) of its output."""
-    folder = os.path.join(tmp, "logs")
-    for path in log.export(folder, title):
-        out.put_file(path, "logs/" + os.path.relpath(path, folder))
 
 
 # ------------------------------------------------------------------------------------------------ weights

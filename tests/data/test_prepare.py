@@ -5,9 +5,21 @@ import pytest
 
 from rlhf_core.config import ConfigError
 from rlhf_core.data.adapters import DataError
-from rlhf_core.data.prepare import build_data, data_stage_key, load_split, run_data_stage, split_by_shares
+from rlhf_core.config.views import DataSettings
+from rlhf_core.data.prepare import build_data as build_settings
+from rlhf_core.data.prepare import load_split, split_by_shares
+from rlhf_core.stages import registry
 from rlhf_core.storage.store import Store
 from tests.conftest import PROJECT, tiny_config
+from tests.helpers import prepare
+
+
+def build_data(cfg):
+    return build_settings(DataSettings.from_config(cfg))
+
+
+def data_stage_key(cfg):
+    return registry.key(registry.DATA, cfg)
 
 
 def _local(tmp_path, name, rows, eval_rows=None):
@@ -80,7 +92,7 @@ def test_long_prompts_are_dropped_and_counted(tmp_path):
     src = _local(tmp_path, "long", rows)
     cfg = tiny_config(tmp_path / "store", **{"data.sources": [{"name": "local/jsonfile", "path": src}],
                                              "data.split": "1,1,1"})
-    m = run_data_stage(cfg, Store.from_config(cfg.storage))
+    m = prepare(cfg)
     assert m.metrics["prompts_dropped_too_long"] > 0
     ppo = load_split(Store.from_config(cfg.storage), m, "ppo/train")
     assert all(len(r["prompt"].split()) <= 16 for r in ppo)
@@ -122,9 +134,8 @@ def _bad_source(tmp_path, kind):
 )
 def test_bad_source_is_named_and_writes_nothing(tmp_path, kind, message):
     cfg = tiny_config(tmp_path / "store", **{"data.sources": [{"name": "local/jsonfile", "path": _bad_source(tmp_path, kind)}]})
-    store = Store.from_config(cfg.storage)
     with pytest.raises(DataError, match=message):
-        run_data_stage(cfg, store)
+        prepare(cfg)
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*"))
 
 
@@ -139,7 +150,7 @@ def test_invalid_rows_can_be_dropped_and_counted(tmp_path):
 def test_split_that_empties_a_stage(tmp_path):
     cfg = tiny_config(tmp_path / "store", **{"data.split": "1,0,1"})
     with pytest.raises(DataError, match=r"split 1,0,1 leaves the reward stage's train set empty .* give reward a larger share"):
-        run_data_stage(cfg, Store.from_config(cfg.storage))
+        prepare(cfg)
     assert not (tmp_path / "store").exists()
 
 

@@ -2,7 +2,7 @@ import pytest
 
 from rlhf_core.config import DeepSpeedConfig, OptimizerConfig
 from rlhf_core.engines.training import build_ds_config, sanitize_cuda_arch_list
-from rlhf_core.trainers.state import epoch_batches
+from rlhf_core.data.batches import epoch_batches
 
 
 def test_ds_config_from_stage_settings():

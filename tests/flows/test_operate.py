@@ -61,9 +61,9 @@ def test_two_runs_at_once_with_different_actors_train_the_reward_model_once(pref
             RunParams(profile="tiny", storage_root=str(root), overrides={
                 **shared, "models.actor.init_seed": 6, "models.actor.architecture.num_hidden_layers": 3})]
     data = tiny_trained["data"]
-    assert stages.sft_key(runs[0].config(), data) != stages.sft_key(runs[1].config(), data)  # different actors
-    key = stages.reward_key(runs[0].config(), data)
-    assert stages.reward_key(runs[1].config(), data) == key  # the same reward settings
+    assert stages.key("sft", runs[0].config(), {"data": data}) != stages.key("sft", runs[1].config(), {"data": data})  # different actors
+    key = stages.key("reward", runs[0].config(), {"data": data})
+    assert stages.key("reward", runs[1].config(), {"data": data}) == key  # the same reward settings
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         states = list(pool.map(lambda p: reward_flow(p, return_state=True), runs))
@@ -87,7 +87,7 @@ def test_a_killed_reward_holder_is_taken_over_after_its_lease(prefect_harness, t
     root = copy_trained(tiny_trained, tmp_path / "store")
     params = RunParams(profile="tiny", storage_root=str(root), reward_max_steps=150,
                        overrides={"reward.checkpoint_every": 10, "storage.lease_seconds": ttl})
-    store, key = Store(str(root)), stages.reward_key(params.config(), tiny_trained["data"])
+    store, key = Store(str(root)), stages.key("reward", params.config(), {"data": tiny_trained["data"]})
     script = ("import sys; from flows.params import RunParams; from flows.stage_flows import reward_flow; "
               "reward_flow(RunParams.model_validate_json(sys.argv[1]))")
     holder = subprocess.Popen([sys.executable, "-c", script, params.model_dump_json()], cwd=PROJECT,

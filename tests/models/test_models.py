@@ -6,7 +6,7 @@ from rlhf_core.maths.rl import last_index
 from rlhf_core.models.causal_lm import build_causal_lm, save_causal_lm
 from rlhf_core.models.loading import ModelLoadError
 from rlhf_core.models.lora import apply_lora, merge_lora
-from rlhf_core.models.reward_model import RewardModel, build_reward_model, load_reward_model, save_reward_model, sequence_scores
+from rlhf_core.models.reward_model import RewardMeta, RewardModel, build_reward_model, load_reward_model, save_reward_model, sequence_scores
 from rlhf_core.models.tokenizers import load_tokenizer
 from tests.conftest import PROJECT
 
@@ -48,7 +48,8 @@ def test_score_is_padding_invariant(spec):
 def test_reward_model_round_trip_keeps_head_and_stats(tmp_path):
     tok = load_tokenizer(LLAMA)
     model = build_reward_model(LLAMA, tok).eval()
-    save_reward_model(model, tok, str(tmp_path / "rm"), {"score_mean": 1.5, "score_std": 2.0})
+    save_reward_model(model, tok, str(tmp_path / "rm"), RewardMeta(score_mean=1.5, score_std=2.0, max_seq_len=32,
+                                                                  prompt_format="human_assistant", eval_accuracy=0.5))
     loaded = load_reward_model(str(tmp_path / "rm")).eval()
     ids = torch.tensor([[1, 7, 8, 9]])
     mask = torch.ones_like(ids)

@@ -98,8 +98,8 @@ def test_reward_existing_is_not_part_of_the_reward_key(tmp_path):
     data = _reward(store).upstream  # just to have a store; the key needs a data manifest
     data = store.read_manifest("data", data["data"])
     plain = tiny_config(tmp_path)
-    assert stages.reward_key(tiny_config(tmp_path, **{"reward.existing": "a" * 20}), data) == stages.reward_key(plain, data)
-    assert stages.reward_key(tiny_config(tmp_path, **{"reward.epochs": 2}), data) != stages.reward_key(plain, data)
+    assert stages.key("reward", tiny_config(tmp_path, **{"reward.existing": "a" * 20}), {"data": data}) == stages.key("reward", plain, {"data": data})
+    assert stages.key("reward", tiny_config(tmp_path, **{"reward.epochs": 2}), {"data": data}) != stages.key("reward", plain, {"data": data})
 
 
 def test_a_folder_whose_manifest_is_not_a_manifest_is_refused(tmp_path):

@@ -23,13 +23,13 @@ def test_changing_only_the_actor_is_a_cache_hit_for_reward(prefect_harness, tiny
     base, data = tiny_trained["cfg"], tiny_trained["data"]
     other_actor = tiny_config(base.storage.root, **{
         "models.actor.init_seed": 77, "models.actor.architecture.num_hidden_layers": 3, "sft.optimizer.lr": 1e-3})
-    assert stages.sft_key(other_actor, data) != stages.sft_key(base, data)
-    assert stages.reward_key(other_actor, data) == stages.reward_key(base, data)
+    assert stages.key("sft", other_actor, {"data": data}) != stages.key("sft", base, {"data": data})
+    assert stages.key("reward", other_actor, {"data": data}) == stages.key("reward", base, {"data": data})
     state, manifest = _reward(other_actor, data)
     assert state == "Cached" and manifest == tiny_trained["reward"]
     # Negative control: a reward setting does change the key.
     changed = tiny_config(base.storage.root, **{"reward.optimizer.lr": 5e-4})
-    assert stages.reward_key(changed, data) != stages.reward_key(base, data)
+    assert stages.key("reward", changed, {"data": data}) != stages.key("reward", base, {"data": data})
 
 
 def test_task_retry_resumes_a_killed_worker_from_its_checkpoint(prefect_harness, tmp_path, monkeypatch):

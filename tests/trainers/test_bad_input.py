@@ -5,19 +5,21 @@ import shutil
 import pytest
 
 from rlhf_core.config import load_config
+from rlhf_core.config.views import PPOSettings
 from rlhf_core.models.loading import ModelLoadError
 from rlhf_core.models.reward_model import load_reward_model
 from rlhf_core.storage.store import Store
 from rlhf_core.trainers.ppo import check_lengths
 from tests.conftest import tiny_config
 from tests.conftest import snapshot
-from tests.helpers import KEYS, copy_trained, output, worker
+from rlhf_core.stages import registry
+from tests.helpers import copy_trained, output, worker
 
 pytestmark = pytest.mark.slow
 
 
 def test_prompts_that_leave_no_room_for_an_answer():
-    cfg = load_config("tiny")
+    cfg = PPOSettings.from_config(load_config("tiny"))
     with pytest.raises(ValueError, match=r"exceed the actor's 20 positions: no room for an answer"):
         check_lengths(cfg, [[1] * 10], max_positions=20)
     with pytest.raises(ValueError, match=r"more than data.max_prompt_tokens"):
@@ -49,7 +51,7 @@ def test_checkpoint_from_another_config_is_refused_and_kept(tiny_trained, tmp_pa
     a = tiny_config(root, **{"ppo.max_steps": 6, "ppo.checkpoint_every": 2, "storage.keep_checkpoints_after_commit": True})
     b = tiny_config(root, **{"ppo.max_steps": 6, "ppo.checkpoint_every": 2, "ppo.kl.coef": 0.5})
     assert worker(a, "ppo", up).returncode == 0
-    key_a, key_b = output(a, "ppo", up).key, KEYS["ppo"](b, up)
+    key_a, key_b = output(a, "ppo", up).key, registry.key("ppo", b, up)
     shutil.copytree(root / "ppo" / key_a / "checkpoints", root / "ppo" / key_b / "checkpoints")
     before = snapshot(root / "ppo" / key_b / "checkpoints")
     proc = worker(b, "ppo", up)

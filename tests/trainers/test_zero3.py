@@ -3,14 +3,13 @@ whole copy in host memory: what lets a 13B-66B actor start on 8 ranks of one hos
 reward models run as ZeRO-3 inference engines, and PPO at ZeRO-3 gives the ZeRO-2 result."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from rlhf_core.engines.training import free_port
-from tasks.runner import _DIST_ENV
+from rlhf_core.stages.launch import worker_env
 from tests.conftest import PROJECT, tiny_config
 from tests.helpers import assert_same_weights, copy_trained, output, weights, worker
 
@@ -27,7 +26,7 @@ def _probe(tmp_path, *flags):
 
 
 def _env():
-    return {**{k: v for k, v in os.environ.items() if k not in _DIST_ENV}, "OMP_NUM_THREADS": "1"}
+    return worker_env(cpu_threads=1)
 
 
 def test_models_for_zero3_load_partitioned_and_compute_the_same(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from rlhf_core.config import DeepSpeedConfig, OptimizerConfig, load_config
 from rlhf_core.engines.training import barrier, build_ds_config, frozen_config, frozen_engine, init_distributed
 from rlhf_core.models.causal_lm import build_causal_lm, load_causal_lm, save_causal_lm
-from rlhf_core.models.reward_model import build_reward_model, load_reward_model, save_reward_model
+from rlhf_core.models.reward_model import RewardMeta, build_reward_model, load_reward_model, save_reward_model
 from rlhf_core.models.tokenizers import load_tokenizer
 
 
@@ -36,7 +36,8 @@ def main(folder: str, out: str, partition: bool) -> None:
     if dist.rank == 0:
         save_causal_lm(build_causal_lm(cfg.models.actor, tok), tok, actor_dir)
         rtok = load_tokenizer(cfg.models.reward, "reward")
-        save_reward_model(build_reward_model(cfg.models.reward, rtok), rtok, reward_dir, {"score_mean": 0.5, "score_std": 2.0})
+        meta = RewardMeta(score_mean=0.5, score_std=2.0, max_seq_len=48, prompt_format="human_assistant", eval_accuracy=0.5)
+        save_reward_model(build_reward_model(cfg.models.reward, rtok), rtok, reward_dir, meta)
     barrier()
 
     ids = torch.randint(3, len(tok), (4, 24), generator=torch.Generator().manual_seed(0))

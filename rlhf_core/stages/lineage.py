@@ -21,19 +21,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from rlhf_core.stages.registry import EVALUATE, EXPORT, ORDER, PLOTS, REPORT, headline
 from rlhf_core.storage.lease import list_leases
 from rlhf_core.storage.store import MANIFEST, Manifest, Store
 
 Ref = tuple[str, str]  # (stage, key)
-STAGE_ORDER = ["data", "sft", "reward", "ppo", "export", "evaluate"]
-# The number a person looks at first, per stage (the first one present).
-HEADLINE = {
-    "data": ["rows"],
-    "sft": ["eval_loss"],
-    "reward": ["eval_accuracy"],
-    "ppo": ["gold_last", "reward_last"],
-    "export": ["models"],
-}
 
 
 def ref_of(m: Manifest) -> Ref:
@@ -53,23 +45,6 @@ def downstream_index(manifests: Iterable[Manifest]) -> dict[Ref, list[Ref]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def headline(m: Manifest) -> str:
-    if m.stage == "evaluate":
-        models = m.metrics.get("models") or {}
-        best = models.get("final") or models.get("ema") or {}
-        for k in ("win_rate_vs_sft", "gold_reward", "reward_score"):
-            if k in best:
-                return f"final {k} {best[k]:.3f}"
-        return ""
-    for k in HEADLINE.get(m.stage, []):
-        v = m.metrics.get(k)
-        if isinstance(v, dict):  # data rows per split: the training splits
-            return "rows " + " ".join(f"{s.split('/')[0]} {n}" for s, n in v.items() if s.endswith("/train"))
-        if v is not None:
-            return f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-    return ""
-
-
 def human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -79,7 +54,7 @@ def human_size(n: float) -> str:
 
 
 def _stage_rank(stage: str) -> int:
-    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+    return ORDER.index(stage) if stage in ORDER else len(ORDER)
 
 
 def _producer(m: Manifest) -> str:
@@ -346,13 +321,13 @@ def summary_markdown(title: str, store: Store, outputs: dict[str, Manifest], sta
         url = store.url_of(m.stage, m.key)
         lines.append(f"| {name} | [{m.stage}/{m.key}]({url}) | {states.get(name, '')} | {human_size(m.total_bytes)} | "
                      f"{_producer(m)} | {headline(m)} |")
-    if "evaluate" in outputs:
-        m = outputs["evaluate"]
-        lines += ["", f"Report: [{store.url_of(m.stage, m.key, 'report.md')}]({store.url_of(m.stage, m.key, 'report.md')})"]
-        plots = [f.path for f in m.files if f.path.startswith("plots/")]
+    if EVALUATE in outputs:
+        m = outputs[EVALUATE]
+        lines += ["", f"Report: [{store.url_of(m.stage, m.key, REPORT)}]({store.url_of(m.stage, m.key, REPORT)})"]
+        plots = [f.path for f in m.files if f.path.startswith(f"{PLOTS}/")]
         lines += [f"- [{p}]({store.url_of(m.stage, m.key, p)})" for p in plots]
-    if "export" in outputs:
-        m = outputs["export"]
+    if EXPORT in outputs:
+        m = outputs[EXPORT]
         for name in m.metrics.get("models", []):
             lines.append(f"- {name} actor (HF folder): [{store.url_of(m.stage, m.key, name)}]({store.url_of(m.stage, m.key, name)})")
     lines += ["", "Lineage: `rlhf store show KEY`; the store's contents: `rlhf store ls`."]

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from flows.cli import main
-from rlhf_core.storage import lineage
+from rlhf_core.stages import lineage
 from rlhf_core.storage.lease import StageLease
 from rlhf_core.storage.store import MANIFEST, Store
 
