@@ -1,7 +1,7 @@
 """The hybrid engine: the actor switches between DeepSpeed training and generation.
 
 ``HybridEngine.generate`` is the one interface step 3 uses for rollouts. With ``hybrid_engine.enabled``
-and a supported architecture (OPT, Llama) it takes the fast path (``rlhf_core.engines.fast_decode``): the
+and a supported architecture (OPT, Llama) it takes the fast path (``rlhf_core.engines.decode``): the
 training module's weights are read once per rollout (gathered under ZeRO-3, LoRA merged, bf16 on GPUs)
 into a static-shape decoder with a KV cache and CUDA-graph decode steps, and released again before
 training resumes (``release_memory``). Otherwise, or with ``enabled: false``, it calls transformers
@@ -92,7 +92,7 @@ class HybridEngine:
         self._told = False
 
     def _fast_decoder(self):
-        from rlhf_core.engines.fast_decode import FastDecoder, arch_of
+        from rlhf_core.engines.decode import FastDecoder, arch_of
 
         model = unwrap(self.engine)
         arch = arch_of(model.config)
