@@ -363,7 +363,10 @@ class HybridEngineConfig(Section):
         "auto", description="Generation weight dtype; 'auto' is bf16 on CUDA and fp32 on CPU."
     )
     cuda_graphs: bool = Field(True, description="Capture the decode step in a CUDA graph (CUDA only).")
-    max_batch: int = Field(512, ge=1, description="Largest generation batch (chunks above it).")
+    max_batch: int = Field(
+        512, ge=1, description="Most rows the fast path decodes at once: a larger rollout batch is generated in "
+        "chunks of this many rows (the KV cache is sized to one chunk)."
+    )
     release_memory: bool = Field(
         True, description="Free the fast path's weights, KV cache and graphs after every rollout, before training "
         "resumes; off keeps them for the next rollout (no reload or recapture, but held through training)."

@@ -1,5 +1,6 @@
 """The hybrid engine's fast generation path on CPU: the same tokens as transformers generate (greedy),
-correct sampling distributions, EOS handling, LoRA merging, release, the family registry and fallback."""
+correct sampling distributions, EOS handling, LoRA merging, release, chunking, the family registry and
+fallback."""
 
 from dataclasses import fields
 
@@ -186,6 +187,21 @@ def test_family_registry_reads_every_family_and_refuses_the_rest():
     # variants a family does not implement
     assert arch_of(_config("opt", activation_function="silu")) is None
     assert arch_of(_config("llama_gqa", rope_scaling={"rope_type": "linear", "factor": 2.0})) is None
+
+
+def test_a_batch_above_max_batch_is_generated_in_chunks_on_the_fast_path(monkeypatch):
+    model = _model("opt")
+    ids, mask = _prompts()
+    gen = GenerationConfig(max_answer_len=20, do_sample=False)
+    whole = HybridEngine(model, Tok(), gen, HybridEngineConfig(max_batch=4))
+    chunked = HybridEngine(model, Tok(), gen, HybridEngineConfig(max_batch=3))
+    rows = []
+    decode = chunked.fast.generate
+    monkeypatch.setattr(chunked.fast, "generate", lambda i, m, a: rows.append(i.shape[0]) or decode(i, m, a))
+    a, b = whole.generate(ids, mask), chunked.generate(ids, mask)
+    assert whole.last_path == chunked.last_path == "fast" and rows == [3, 1]
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.response_mask, b.response_mask)
+    assert torch.equal(b.responses, _hf(model, ids, mask))
 
 
 def test_unsupported_architectures_fall_back_to_transformers():
