@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlhf_core.engines.fast_decode import FastDecoder, arch_of  # noqa: E402
+from rlhf_core.engines.decode import FastDecoder, arch_of  # noqa: E402
 
 OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32, vocab_size=50272,
                 max_position_embeddings=2048, word_embed_proj_dim=2048)
@@ -27,14 +27,14 @@ OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attent
 
 class NoAttention(FastDecoder):
     def _decode_attend(self, i, q, k, v, T_b):
-        self.k[i].index_copy_(2, self.slot, k)
+        self.buffers.k[i].index_copy_(2, self.buffers.slot, k)
         return q.transpose(1, 2).reshape(q.shape[0], 1, -1)
 
 
 def replay_ms(fd, T_b: int, graph, reps: int = 50) -> float:
     """Median replay time; every replay advances the write slot, so start far enough below the bucket's end."""
-    fd.slot.fill_(T_b - reps - 6)
-    fd.t.fill_(1)
+    fd.buffers.slot.fill_(T_b - reps - 6)
+    fd.buffers.t.fill_(1)
     for _ in range(5):
         graph.replay()
     torch.cuda.synchronize()
@@ -91,7 +91,7 @@ def main() -> None:
             fd.generate(ids, mask, 256)
             torch.cuda.synchronize()
             print(f"{variant} B={B}: first generate {first:.2f}s, next {__import__('time').perf_counter() - t0:.3f}s", flush=True)
-            for T_b, graph in fd._graphs.items():
+            for T_b, graph in fd.buffers.graphs.items():
                 ms = replay_ms(fd, T_b, graph)
                 kv = 0 if variant == "no-attention" else 2 * arch.layers * B * T_b * arch.hidden * 2
                 gb = (weight_bytes + kv) / 1e9

@@ -160,7 +160,7 @@ def greedy_check() -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlhf_core.engines.fast_decode import FastDecoder, arch_of
+    from rlhf_core.engines.decode import FastDecoder, arch_of
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -386,14 +386,22 @@ class MixtureConfig(Section):
 
 
 class HybridEngineConfig(Section):
-    enabled: bool = Field(True, description="Fast generation path; off: plain transformers generate.")
+    enabled: bool = Field(
+        True, description="Fast generation path for OPT and Llama actors (a static-shape decoder with a KV cache); "
+        "off, or for other architectures: plain transformers generate."
+    )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Generation weight dtype; 'auto' is bf16 on CUDA and fp32 on CPU."
     )
-    static_cache: bool = True
     cuda_graphs: bool = Field(True, description="Capture the decode step in a CUDA graph (CUDA only).")
-    max_batch: int = Field(512, ge=1, description="Largest generation batch (chunks above it).")
-    release_memory: bool = True
+    max_batch: int = Field(
+        512, ge=1, description="Most rows the fast path decodes at once: a larger rollout batch is generated in "
+        "chunks of this many rows (the KV cache is sized to one chunk)."
+    )
+    release_memory: bool = Field(
+        True, description="Free the fast path's weights, KV cache and graphs after every rollout, before training "
+        "resumes; off keeps them for the next rollout (no reload or recapture, but held through training)."
+    )
 
 
 GoldReward = Literal["none", "tiny_task"]

@@ -1,11 +1,12 @@
 """The hybrid engine: the actor switches between DeepSpeed training and generation.
 
 ``HybridEngine.generate`` is the one interface step 3 uses for rollouts. With ``hybrid_engine.enabled``
-and a supported architecture (OPT, Llama) it takes the fast path (``rlhf_core.engines.fast_decode``): the
+and a supported architecture (OPT, Llama) it takes the fast path (``rlhf_core.engines.decode``): the
 training module's weights are read once per rollout (gathered under ZeRO-3, LoRA merged, bf16 on GPUs)
-into a static-shape decoder with a KV cache and CUDA-graph decode steps, and released again before
-training resumes (``release_memory``). Otherwise, or with ``enabled: false``, it calls transformers
-``generate`` on the training module (under ZeRO-3 that gathers each layer for every token: correct, slow).
+into a static-shape decoder with a KV cache and CUDA-graph decode steps (in chunks of at most
+``max_batch`` rows), and released again before training resumes (``release_memory``). Otherwise, or with
+``enabled: false``, it calls transformers ``generate`` on the training module (under ZeRO-3 that gathers
+each layer for every token: correct, slow).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class HybridEngine:
         self._told = False
 
     def _fast_decoder(self):
-        from rlhf_core.engines.fast_decode import FastDecoder, arch_of
+        from rlhf_core.engines.decode import FastDecoder, arch_of
 
         model = unwrap(self.engine)
         arch = arch_of(model.config)
@@ -127,8 +128,8 @@ class HybridEngine:
             weights = self.fast.bytes_needed(model, 0, 0, 0)
             fix = ("the whole weights alone do not fit one device" if weights > free else
                    "a smaller ppo.rollout_batch_size or hybrid_engine.max_batch would use the fast path")
-            self.log(f"hybrid engine: a rollout of {B} x {T} tokens needs about {need / 2**30:.1f} GiB (whole weights "
-                     f"and KV cache) and {free / 2**30:.1f} GiB is free here or on another rank; generating with "
+            self.log(f"hybrid engine: generating {B} x {T} tokens at once needs about {need / 2**30:.1f} GiB (whole "
+                     f"weights and KV cache) and {free / 2**30:.1f} GiB is free here or on another rank; generating with "
                      f"transformers instead ({fix})")
             self._told = True
         return ok
@@ -139,13 +140,14 @@ class HybridEngine:
         """Sample answers for left-padded prompts [B, P]; answers are padded to ``max_answer_len``."""
         A = max_new_tokens or self.gen.max_answer_len
         sample = self.gen.do_sample if do_sample is None else do_sample
-        if (self.fast is not None and sample == self.gen.do_sample and prompt_ids.shape[0] <= self.he.max_batch
-                and self._fits(prompt_ids.shape[0], prompt_ids.shape[1], prompt_ids.shape[1] + A)):
+        rows, P = min(prompt_ids.shape[0], self.he.max_batch), prompt_ids.shape[1]  # rows: of the largest chunk
+        if self.fast is not None and sample == self.gen.do_sample and self._fits(rows, P, P + A):
             self.last_path = "fast"
             model = unwrap(self.engine)
             self.fast.load(model)  # once per rollout: gathered, LoRA merged, cast
-            try:
-                answers = self.fast.generate(prompt_ids, prompt_mask, A)
+            try:  # chunks share P and A, so their answers concatenate
+                answers = torch.cat([self.fast.generate(ids, mask, A)
+                                     for ids, mask in zip(prompt_ids.split(rows), prompt_mask.split(rows))])
             finally:
                 if self.he.release_memory:
                     self.fast.release()

@@ -1,13 +1,15 @@
 """The hybrid engine's fast generation path on CPU: the same tokens as transformers generate (greedy),
-correct sampling distributions, EOS handling, LoRA merging, release and fallback."""
+correct sampling distributions, EOS handling, LoRA merging, release, chunking, the family registry and
+fallback."""
 
+from dataclasses import fields
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rlhf_core.config import GenerationConfig, HybridEngineConfig
-from rlhf_core.engines.fast_decode import FastDecoder, arch_of
+from rlhf_core.engines.decode import FAMILIES, FastDecoder, arch_of
 from rlhf_core.engines.hybrid import HybridEngine, left_pad
 
 SHAPES = {
@@ -26,10 +28,14 @@ class Tok:
     pad_token_id, eos_token_id = 0, 2
 
 
+def _config(shape: str, **changes):
+    kw = {**SHAPES[shape], **changes}
+    return AutoConfig.for_model(kw.pop("model_type"), **kw, vocab_size=96, pad_token_id=0, eos_token_id=2,
+                                bos_token_id=1)
+
+
 def _model(shape: str, seed: int = 0):
-    kw = dict(SHAPES[shape])
-    config = AutoConfig.for_model(kw.pop("model_type"), **kw, vocab_size=96, pad_token_id=0, eos_token_id=2,
-                                  bos_token_id=1)
+    config = _config(shape)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # sharpen a random model so that greedy choices are not near-ties
@@ -136,8 +142,14 @@ def test_release_frees_and_the_next_rollout_reloads():
     fd = FastDecoder(arch_of(model.config), torch.device("cpu"), torch.float32, 0, 2, do_sample=False)
     fd.load(model)
     first = fd.generate(ids, mask, 10)
+    held = fd.buffers
+    assert held.weights.t and held.k is not None  # the control: before release it holds them
     fd.release()
-    assert not fd.w.t and not hasattr(fd, "k")
+    assert fd.buffers is None
+    assert not [v for v in (*vars(fd).values(), *vars(fd.family).values()) if isinstance(v, torch.Tensor)]
+    assert all(getattr(held, f.name) is None for f in fields(held))  # also for anyone still holding the buffers
+    with pytest.raises(RuntimeError, match="load"):
+        fd.generate(ids, mask, 10)
     fd.load(model)
     assert torch.equal(fd.generate(ids, mask, 10), first)
 
@@ -148,15 +160,48 @@ def test_weights_are_refreshed_in_place_between_rollouts():
     ids, mask = _prompts()
     fd = FastDecoder(arch_of(model.config), torch.device("cpu"), torch.float32, 0, 2, do_sample=False)
     fd.load(model)
-    buffer = fd.w["0.fc1.w"]
+    buffer = fd.buffers.weights["0.fc1.w"]
     before = fd.generate(ids, mask, 10)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
     fd.load(model)
-    assert fd.w["0.fc1.w"] is buffer  # same storage (what a captured graph reads)
+    assert fd.buffers.weights["0.fc1.w"] is buffer  # same storage (what a captured graph reads)
     assert torch.equal(fd.generate(ids, mask, 10), _hf(model, ids, mask, 10))
     assert not torch.equal(fd.generate(ids, mask, 10), before)
+
+
+def test_family_registry_reads_every_family_and_refuses_the_rest():
+    for shape in SHAPES:  # every family's arch_of reads the test shapes back
+        config = _config(shape)
+        arch = arch_of(config)
+        assert arch.family is FAMILIES[config.model_type]
+        assert (arch.layers, arch.hidden, arch.heads, arch.vocab, arch.max_positions) == (
+            config.num_hidden_layers, config.hidden_size, config.num_attention_heads, 96, 128)
+        assert arch.kv_heads == getattr(config, "num_key_value_heads", config.num_attention_heads)
+        assert arch.head_dim * arch.heads == config.hidden_size
+        assert arch.pre_ln == getattr(config, "do_layer_norm_before", True)
+    assert set(FAMILIES) == {SHAPES[s]["model_type"] for s in SHAPES}  # no registered family goes untested
+    assert arch_of(AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2)) is None  # no such family
+    assert arch_of(object()) is None  # no model_type at all
+    # variants a family does not implement
+    assert arch_of(_config("opt", activation_function="silu")) is None
+    assert arch_of(_config("llama_gqa", rope_scaling={"rope_type": "linear", "factor": 2.0})) is None
+
+
+def test_a_batch_above_max_batch_is_generated_in_chunks_on_the_fast_path(monkeypatch):
+    model = _model("opt")
+    ids, mask = _prompts()
+    gen = GenerationConfig(max_answer_len=20, do_sample=False)
+    whole = HybridEngine(model, Tok(), gen, HybridEngineConfig(max_batch=4))
+    chunked = HybridEngine(model, Tok(), gen, HybridEngineConfig(max_batch=3))
+    rows = []
+    decode = chunked.fast.generate
+    monkeypatch.setattr(chunked.fast, "generate", lambda i, m, a: rows.append(i.shape[0]) or decode(i, m, a))
+    a, b = whole.generate(ids, mask), chunked.generate(ids, mask)
+    assert whole.last_path == chunked.last_path == "fast" and rows == [3, 1]
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.response_mask, b.response_mask)
+    assert torch.equal(b.responses, _hf(model, ids, mask))
 
 
 def test_unsupported_architectures_fall_back_to_transformers():
@@ -174,7 +219,8 @@ def test_memory_estimate_covers_the_weights_and_cache_the_decoder_allocates():
     fd.load(model)
     ids, mask = _prompts()
     fd.generate(ids, mask, 20)
-    held = sum(t.numel() * t.element_size() for t in [*fd.w.t.values(), fd.k, fd.v])
+    b = fd.buffers
+    held = sum(t.numel() * t.element_size() for t in [*b.weights.t.values(), b.k, b.v])
     need = fd.bytes_needed(model, ids.shape[0], ids.shape[1], ids.shape[1] + 20)
     assert held <= need <= 3 * held  # an estimate: all of what it holds, plus room for the prefill
 
