@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from rlhf_core.config import GenerationConfig, HybridEngineConfig
+from rlhf_core.models.loading import torch_dtype
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,8 @@ class HybridEngine:
             return None
         # A DeepSpeed engine knows its device; under ZeRO-3 offload the parameters themselves may sit on the host.
         device = getattr(self.engine, "device", None) or next(model.parameters()).device
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
-            self.he.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        auto = "bf16" if device.type == "cuda" else "fp32"
+        dtype = torch_dtype(auto if self.he.dtype == "auto" else self.he.dtype)
         g = self.gen
         return FastDecoder(arch, device, dtype, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
                            do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
