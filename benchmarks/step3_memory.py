@@ -60,11 +60,11 @@ def main() -> None:
     from rlhf_core.models.causal_lm import build_causal_lm
     from rlhf_core.models.lora import for_training
     from rlhf_core.models.reward_model import build_reward_model
-    from rlhf_core.config.views import PPOSettings
+    from rlhf_core.config.views import RLSettings
     from rlhf_core.models.reward_model import RewardMeta
     from rlhf_core.trainers.experience import Models, frozen_model, make_experience
     from rlhf_core.trainers.metrics import Timer
-    from rlhf_core.trainers.ppo import update
+    from rlhf_core.trainers.rl import update
 
     tiny = args.actor == "tiny"
     prompt, answer = (16, 16) if tiny else (PROMPT, ANSWER)
@@ -75,23 +75,23 @@ def main() -> None:
     precision = "bf16" if args.device == "cuda" else "fp32"
     cfg = load_config("single_gpu", {
         "resources.device": args.device,
-        "ppo.rollout_batch_size": args.batch, "ppo.train_micro_batch_size": args.batch,
-        "ppo.generation.max_answer_len": answer,
-        "ppo.actor.deepspeed": {"zero_stage": 3, "offload_params": True, "offload_optimizer": True, "precision": precision},
-        "ppo.actor.lora": {"enabled": True, "r": 128, "alpha": 128, "target_modules": linear, "only_optimize_lora": True},
-        "ppo.actor.gradient_checkpointing": True, "ppo.offload_reference": True,
-        "ppo.critic.deepspeed": {"zero_stage": 2, "precision": precision},
+        "rl.rollout_batch_size": args.batch, "rl.train_micro_batch_size": args.batch,
+        "rl.generation.max_answer_len": answer,
+        "rl.actor.deepspeed": {"zero_stage": 3, "offload_params": True, "offload_optimizer": True, "precision": precision},
+        "rl.actor.lora": {"enabled": True, "r": 128, "alpha": 128, "target_modules": linear, "only_optimize_lora": True},
+        "rl.actor.gradient_checkpointing": True, "rl.offload_reference": True,
+        "rl.critic.deepspeed": {"zero_stage": 2, "precision": precision},
         "ema.enabled": False, "mixture.ptx_coef": 0.0, "hybrid_engine.enabled": True, "hybrid_engine.release_memory": True})
-    ppo = cfg.ppo
+    rl = cfg.rl
     dist = init_distributed(args.device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     t0 = time.perf_counter()
     # Random init is built whole (on the GPU: seconds, not minutes), then ZeRO-3 partitions and offloads it.
     with torch.device(dist.device):
         actor = build_causal_lm(ModelSpec(architecture=arch, tokenizer="stub"), SizeTok(), dtype=dtype, dropout=0.0)
-    actor = for_training(actor, ppo.actor.lora, ppo.actor.gradient_checkpointing)
-    actor_e = initialize(actor, build_ds_config(ppo.actor.deepspeed, ppo.actor.optimizer, args.batch, 1, 1),
-                         ppo.actor.optimizer, 10)
+    actor = for_training(actor, rl.actor.lora, rl.actor.gradient_checkpointing)
+    actor_e = initialize(actor, build_ds_config(rl.actor.deepspeed, rl.actor.optimizer, args.batch, 1, 1),
+                         rl.actor.optimizer, 10)
     del actor
     if dist.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -101,18 +101,18 @@ def main() -> None:
             return build_causal_lm(ModelSpec(architecture=arch, tokenizer="stub"), SizeTok(), dtype=dtype)
 
     # As PPO sets it up: beside a ZeRO-3 actor the reference is a ZeRO-3 engine with offloaded partitions.
-    ref, ref_offloaded = frozen_model(load_ref, ppo.actor.deepspeed, ppo.offload_reference, args.batch, dist)
+    ref, ref_offloaded = frozen_model(load_ref, rl.actor.deepspeed, rl.offload_reference, args.batch, dist)
     with torch.device(dist.device):
         critic = build_reward_model(ModelSpec(architecture=critic_arch, tokenizer="stub"), SizeTok(), dropout=0.0)
         reward = build_reward_model(ModelSpec(architecture=critic_arch, tokenizer="stub"), SizeTok(),
                                     dtype=dtype).eval().requires_grad_(False)
-    critic_e = initialize(critic, build_ds_config(ppo.critic.deepspeed, ppo.critic.optimizer, args.batch, 1, 1),
-                          ppo.critic.optimizer, 10)
+    critic_e = initialize(critic, build_ds_config(rl.critic.deepspeed, rl.critic.optimizer, args.batch, 1, 1),
+                          rl.critic.optimizer, 10)
     setup_s = time.perf_counter() - t0
     tok = StubTokenizer()
     m = Models(actor_e, critic_e, ref, reward, None, tok, tok, RewardMeta(score_mean=0.0, score_std=1.0, max_seq_len=PROMPT + ANSWER + 1, prompt_format="human_assistant", eval_accuracy=0.5),
                ref_offloaded, False)
-    hybrid = HybridEngine(actor_e, tok, ppo.generation, cfg.hybrid_engine)
+    hybrid = HybridEngine(actor_e, tok, rl.generation, cfg.hybrid_engine)
     scorer = RewardScorer(reward, tok, tok, "human_assistant", prompt + answer + 1, dist.device)
     ids = torch.randint(3, 50272, (args.batch, prompt), device=dist.device)
     mask = torch.ones_like(ids)
@@ -126,8 +126,8 @@ def main() -> None:
         with timer("generate"):
             rollout = hybrid.generate(ids, mask)
         gen_peak = _peak_gib(dist.device)
-        exp, _ = make_experience(m, scorer, rollout, [""] * args.batch, cfg.ppo, 0.1, timer)
-        update(m, exp, PPOSettings.from_config(cfg), step, None, timer)
+        exp, _ = make_experience(m, scorer, rollout, [""] * args.batch, cfg.rl, 0.1, timer)
+        update(m, exp, RLSettings.from_config(cfg), step, None, timer)
         if dist.device.type == "cuda":
             torch.cuda.synchronize()
         result = {"actor": args.actor, "actor_params_b": n_params / 1e9, "batch": args.batch,

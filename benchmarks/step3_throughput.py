@@ -90,11 +90,11 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
     from rlhf_core.models.causal_lm import build_causal_lm
     from rlhf_core.models.reward_model import build_reward_model
     from rlhf_core.config import ModelSpec
-    from rlhf_core.config.views import PPOSettings
+    from rlhf_core.config.views import RLSettings
     from rlhf_core.models.reward_model import RewardMeta
     from rlhf_core.trainers.experience import Models, make_experience
     from rlhf_core.trainers.metrics import Timer
-    from rlhf_core.trainers.ppo import update
+    from rlhf_core.trainers.rl import update
 
     dist = init_distributed("cuda")
     tok = StubTokenizer()
@@ -104,14 +104,14 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
             return 50272
 
     cfg = load_config("single_gpu", {
-        "ppo.rollout_batch_size": batch, "ppo.train_micro_batch_size": min(micro, batch),
-        "ppo.generation.max_answer_len": ANSWER, "ppo.generation.do_sample": True,
-        "ppo.actor.lora.enabled": False, "ppo.actor.gradient_checkpointing": False,
-        "ppo.actor.deepspeed.zero_stage": 2, "ppo.critic.deepspeed.zero_stage": 2,
-        "ppo.actor.optimizer.warmup_steps": 0, "ppo.critic.optimizer.warmup_steps": 0,
+        "rl.rollout_batch_size": batch, "rl.train_micro_batch_size": min(micro, batch),
+        "rl.generation.max_answer_len": ANSWER, "rl.generation.do_sample": True,
+        "rl.actor.lora.enabled": False, "rl.actor.gradient_checkpointing": False,
+        "rl.actor.deepspeed.zero_stage": 2, "rl.critic.deepspeed.zero_stage": 2,
+        "rl.actor.optimizer.warmup_steps": 0, "rl.critic.optimizer.warmup_steps": 0,
         "ema.enabled": False, "mixture.ptx_coef": 0.0, "hybrid_engine.enabled": mode != "baseline",
         "hybrid_engine.release_memory": mode != "fast_keep"})
-    ppo = cfg.ppo
+    rl = cfg.rl
     t_setup = time.perf_counter()
     with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes on the host
         actor = build_causal_lm(ModelSpec(architecture=OPT_1_3B, tokenizer="stub"), SizeTok(), dropout=0.0)
@@ -120,16 +120,16 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
         reward = build_reward_model(ModelSpec(architecture=OPT_350M, tokenizer="stub", init_seed=1), SizeTok(),
                                     dtype=torch.bfloat16).eval()
     print(f"models built in {time.perf_counter() - t_setup:.1f}s", file=sys.stderr, flush=True)
-    updates = (steps + 1) * -(-batch // ppo.train_micro_batch_size)
-    micro = ppo.train_micro_batch_size
-    actor_e = initialize(actor, build_ds_config(ppo.actor.deepspeed, ppo.actor.optimizer, micro, 1, 1),
-                         ppo.actor.optimizer, updates)
-    critic_e = initialize(critic, build_ds_config(ppo.critic.deepspeed, ppo.critic.optimizer, micro, 1, 1),
-                          ppo.critic.optimizer, updates)
+    updates = (steps + 1) * -(-batch // rl.train_micro_batch_size)
+    micro = rl.train_micro_batch_size
+    actor_e = initialize(actor, build_ds_config(rl.actor.deepspeed, rl.actor.optimizer, micro, 1, 1),
+                         rl.actor.optimizer, updates)
+    critic_e = initialize(critic, build_ds_config(rl.critic.deepspeed, rl.critic.optimizer, micro, 1, 1),
+                          rl.critic.optimizer, updates)
     print(f"engines ready at {time.perf_counter() - t_setup:.1f}s", file=sys.stderr, flush=True)
     m = Models(actor_e, critic_e, ref.requires_grad_(False), reward.requires_grad_(False), None, tok, tok,
                RewardMeta(score_mean=0.0, score_std=1.0, max_seq_len=PROMPT + ANSWER + 1, prompt_format="human_assistant", eval_accuracy=0.5))
-    hybrid = HybridEngine(actor_e, tok, ppo.generation, cfg.hybrid_engine)
+    hybrid = HybridEngine(actor_e, tok, rl.generation, cfg.hybrid_engine)
     scorer = RewardScorer(reward, tok, tok, "human_assistant", PROMPT + ANSWER + 1, dist.device)
     ids = torch.randint(3, 50272, (batch, PROMPT), device=dist.device)
     mask = torch.ones_like(ids)
@@ -141,16 +141,16 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
         t0 = time.perf_counter()
         with timer("generate"):
             rollout = hybrid.generate(ids, mask)
-        exp, _ = make_experience(m, scorer, rollout, prompts, cfg.ppo, 0.1, timer)
+        exp, _ = make_experience(m, scorer, rollout, prompts, cfg.rl, 0.1, timer)
         t1 = time.perf_counter()
-        update(m, exp, PPOSettings.from_config(cfg), step, None, timer)
+        update(m, exp, RLSettings.from_config(cfg), step, None, timer)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         assert int(rollout.response_mask.sum()) == batch * ANSWER
         if step:  # the first step warms up (graph capture, allocator, cuBLAS heuristics)
             rows.append({"gen_exp": t1 - t0, "train": t2 - t1, "e2e": t2 - t0, **timer.times})
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    return {"mode": mode, "batch": batch, "micro": ppo.train_micro_batch_size, "generation_path": hybrid.path,
+    return {"mode": mode, "batch": batch, "micro": rl.train_micro_batch_size, "generation_path": hybrid.path,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **med}
 
 

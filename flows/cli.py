@@ -1,6 +1,6 @@
 """The ``rlhf`` command.
 
-    rlhf run --profile tiny [--set ppo.kl.coef=0.05 ...]   run the pipeline (finished stages are cache hits)
+    rlhf run --profile tiny [--set rl.kl.coef=0.05 ...]   run the pipeline (finished stages are cache hits)
     rlhf config --profile tiny [--set ...]                 print the validated config
     rlhf chat --model <store URL or path>                  chat with a trained actor
     rlhf serve --profile tiny [--cron ... | --interval S]   serve deployments (flows/serve.py)

@@ -1,7 +1,7 @@
 """Flow parameters: a profile name plus typed overrides, so the Prefect UI shows a form.
 
 The typed fields are the keys people change most; each maps onto dotted overrides of the profile. Any
-other key goes into ``overrides`` (``{"ppo.kl.coef": 0.05}``). Everything is validated by the same
+other key goes into ``overrides`` (``{"rl.kl.coef": 0.05}``). Everything is validated by the same
 ``load_config`` as the CLI's ``--set``, so the form can never produce a config a profile could not.
 """
 
@@ -24,8 +24,8 @@ _TYPED: dict[str, dict[str, Any]] = {
                             "models.reward.tokenizer": None},
     "sft_max_steps": {"sft.max_steps": "{}"},
     "reward_max_steps": {"reward.max_steps": "{}"},
-    "ppo_max_steps": {"ppo.max_steps": "{}"},
-    "ppo_kl_coef": {"ppo.kl.coef": "{}"},
+    "rl_max_steps": {"rl.max_steps": "{}"},
+    "rl_kl_coef": {"rl.kl.coef": "{}"},
     "mixture_ptx_coef": {"mixture.ptx_coef": "{}"},
     "gpu_slots": {"resources.gpu_slots": "{}"},
 }
@@ -48,12 +48,12 @@ class RunParams(BaseModel):
     )
     sft_max_steps: int | None = Field(None, ge=1, description="sft.max_steps")
     reward_max_steps: int | None = Field(None, ge=1, description="reward.max_steps")
-    ppo_max_steps: int | None = Field(None, ge=1, description="ppo.max_steps")
-    ppo_kl_coef: float | None = Field(None, ge=0, description="ppo.kl.coef: initial KL coefficient (beta).")
+    rl_max_steps: int | None = Field(None, ge=1, description="rl.max_steps")
+    rl_kl_coef: float | None = Field(None, ge=0, description="rl.kl.coef: initial KL coefficient (beta).")
     mixture_ptx_coef: float | None = Field(None, ge=0, description="mixture.ptx_coef: pretraining-loss weight in PPO.")
     gpu_slots: int | None = Field(None, ge=0, description="resources.gpu_slots: slots of rlhf-gpu a training stage holds.")
     overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Any other dotted key, e.g. {'ppo.kl.coef': 0.05, 'data.sources.0.weight': 2}."
+        default_factory=dict, description="Any other dotted key, e.g. {'rl.kl.coef': 0.05, 'data.sources.0.weight': 2}."
     )
 
     def all_overrides(self) -> dict[str, Any]:
@@ -87,7 +87,7 @@ class RunParams(BaseModel):
 
 
 def flow_run_name(prefix: str) -> str:
-    """A flow run's name from its parameters, e.g. ``sft: tiny [ppo.kl.coef=0.05]`` (Prefect calls this)."""
+    """A flow run's name from its parameters, e.g. ``sft: tiny [rl.kl.coef=0.05]`` (Prefect calls this)."""
     from prefect.runtime import flow_run
 
     params = RunParams.model_validate(flow_run.parameters.get("params") or {})

@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.params import RunParams, flow_run_name
 from rlhf_core.stages import lineage
-from rlhf_core.stages.registry import DATA, EVALUATE, EXPORT, PPO, REPORT, REWARD, SFT, headline, needed_for
+from rlhf_core.stages.registry import DATA, EVALUATE, EXPORT, RL, REPORT, REWARD, SFT, headline, needed_for
 from rlhf_core.config import PipelineConfig
 from rlhf_core.stages.existing import existing_reward
 from rlhf_core.storage.store import Manifest
@@ -17,7 +17,7 @@ from tasks.runner import store_for
 from tasks.prepare_data import prepare_data
 from tasks.evaluate_actors import evaluate
 from tasks.export_actors import export_actors
-from tasks.train_ppo import train_ppo
+from tasks.train_rl import train_rl
 from tasks.train_reward import train_reward, use_reward_model
 from tasks.train_sft import train_sft
 
@@ -39,12 +39,12 @@ def run_pipeline(params: RunParams, until: str) -> dict[str, Any]:
         runs[SFT] = train_sft.submit(cfg, data)
     if REWARD in need:  # independent of the actor: runs beside SFT
         runs[REWARD] = use_reward_model.submit(cfg) if cfg.reward.existing else train_reward.submit(cfg, data)
-    if PPO in need:
-        runs[PPO] = train_ppo.submit(cfg, data, runs[SFT], runs[REWARD])
+    if RL in need:
+        runs[RL] = train_rl.submit(cfg, data, runs[SFT], runs[REWARD])
     if EXPORT in need:
-        runs[EXPORT] = export_actors.submit(cfg, runs[PPO])
+        runs[EXPORT] = export_actors.submit(cfg, runs[RL])
     if EVALUATE in need:
-        runs[EVALUATE] = evaluate.submit(cfg, data, runs[SFT], runs[REWARD], runs[PPO], runs[EXPORT])
+        runs[EVALUATE] = evaluate.submit(cfg, data, runs[SFT], runs[REWARD], runs[RL], runs[EXPORT])
     outputs = {name: future.result() for name, future in runs.items()}
     create_markdown_artifact(
         key="rlhf-run-summary", description=f"Outputs of this run ({params.run_name()})",

@@ -2,7 +2,7 @@
 
     rlhf serve [--profile P] [--set K=V ...] [--cron "0 3 * * *" | --interval SECONDS] [--gpus N] [--limit N]
 
-Each flow (rlhf-pipeline, rlhf-data, rlhf-sft, rlhf-reward, rlhf-ppo, rlhf-export, rlhf-evaluate) gets a
+Each flow (rlhf-pipeline, rlhf-data, rlhf-sft, rlhf-reward, rlhf-rl, rlhf-export, rlhf-evaluate) gets a
 deployment named after the profile whose parameters are a ``RunParams`` form (profile, typed fields,
 free overrides), prefilled from the command line. The schedule (the profile's ``schedule`` section, or
 ``--cron`` / ``--interval``) goes on the pipeline's deployment. ``--gpus N`` sizes the ``rlhf-gpu``

@@ -30,10 +30,10 @@ def reward_flow(params: RunParams = RunParams()) -> dict[str, Any]:
     return run_pipeline(params, until=stages.REWARD)
 
 
-@flow(name="rlhf-ppo", flow_run_name=lambda: flow_run_name(stages.PPO))
-def ppo_flow(params: RunParams = RunParams()) -> dict[str, Any]:
+@flow(name="rlhf-rl", flow_run_name=lambda: flow_run_name(stages.RL))
+def rl_flow(params: RunParams = RunParams()) -> dict[str, Any]:
     """Data, SFT and reward, then step 3: PPO."""
-    return run_pipeline(params, until=stages.PPO)
+    return run_pipeline(params, until=stages.RL)
 
 
 @flow(name="rlhf-export", flow_run_name=lambda: flow_run_name(stages.EXPORT))
@@ -48,5 +48,5 @@ def evaluate_flow(params: RunParams = RunParams()) -> dict[str, Any]:
     return run_pipeline(params, until=stages.EVALUATE)
 
 
-STAGE_FLOWS = {stages.DATA: data_flow, stages.SFT: sft_flow, stages.REWARD: reward_flow, stages.PPO: ppo_flow,
+STAGE_FLOWS = {stages.DATA: data_flow, stages.SFT: sft_flow, stages.REWARD: reward_flow, stages.RL: rl_flow,
                stages.EXPORT: export_flow, stages.EVALUATE: evaluate_flow}

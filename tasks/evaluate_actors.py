@@ -4,13 +4,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from rlhf_core.config import PipelineConfig
-from rlhf_core.stages.registry import DATA, EVALUATE, EXPORT, PPO, REPORT, REWARD, SFT
+from rlhf_core.stages.registry import DATA, EVALUATE, EXPORT, RL, REPORT, REWARD, SFT
 from rlhf_core.storage.store import Manifest, Store
 from tasks.runner import cache_key_fn, manifest_of, run_stage, store_for
 
 
 @task(name="evaluate", cache_key_fn=cache_key_fn(EVALUATE), persist_result=True, retries=1)
-def evaluate(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest, ppo: Manifest,
+def evaluate(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest, rl: Manifest,
              export: Manifest) -> Manifest:
     """Sample the SFT, final and EMA actors on held-out prompts; report reward, win rate, gold reward, KL
     to SFT and pretraining perplexity as Prefect artifacts and in the store.
@@ -20,7 +20,7 @@ def evaluate(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifes
     prompt format and the corpus block size. Runs once across concurrent runs (stage lease); samples on one
     process, holding one slot of rlhf-gpu when resources.gpu_slots > 0.
     """
-    result = run_stage(single_process(cfg), EVALUATE, {DATA: data, SFT: sft, REWARD: reward, PPO: ppo, EXPORT: export},
+    result = run_stage(single_process(cfg), EVALUATE, {DATA: data, SFT: sft, REWARD: reward, RL: rl, EXPORT: export},
                        gpu_slots=min(cfg.resources.gpu_slots, 1))
     manifest = manifest_of(result)
     publish(store_for(cfg), manifest)

@@ -27,7 +27,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 
 def tiny_config(root: str | Path, **overrides: Any) -> PipelineConfig:
-    """The tiny profile with its store at ``root`` and dotted overrides (``{'ppo.max_steps': 3}``)."""
+    """The tiny profile with its store at ``root`` and dotted overrides (``{'rl.max_steps': 3}``)."""
     root = str(root)
     return load_config("tiny", {"storage.root": root if "://" in root else f"file://{root}", **overrides})
 

@@ -82,7 +82,7 @@ def evaluate_actor(cfg: PipelineConfig, tiny: dict, actor_path: str | None):
     tok = load_saved_tokenizer(sft_path, padding_side="left")
     scorer = RewardScorer(load_reward_model(rm_path).eval(), load_saved_tokenizer(rm_path), tok,
                           cfg.data.prompt_format, cfg.reward.max_seq_len, torch.device("cpu"))
-    prompts = list(load_split(store, tiny["data"], "ppo/eval")["prompt"])[: cfg.eval.num_prompts]
+    prompts = list(load_split(store, tiny["data"], "rl/eval")["prompt"])[: cfg.eval.num_prompts]
     blocks = load_blocks(store, tiny["data"], tok, cfg.data.ptx.block_tokens, cfg.eval.ptx_blocks, split="eval")
     sft = load_causal_lm(sft_path).eval()
     model = load_causal_lm(actor_path).eval() if actor_path else sft

@@ -6,13 +6,13 @@ from rlhf_core.config.profiles import (PROFILES_DIR, PROJECT_ROOT, apply_overrid
 from rlhf_core.config.schema import (
     ConfigError, Section, StorageConfig, SourceConfig, PtxConfig, DataConfig, ModelSpec, ModelsConfig,
     LoraConfig, DeepSpeedConfig, OptimizerConfig, TrainStageConfig, SFTConfig, RewardConfig,
-    ActorCriticTrainConfig, GenerationConfig, KLConfig, PPOConfig, EMAConfig, MixtureConfig,
+    ActorCriticTrainConfig, GenerationConfig, KLConfig, RLConfig, EMAConfig, MixtureConfig,
     HybridEngineConfig, EvalConfig, ExportConfig, ResourcesConfig, ScheduleConfig, PipelineConfig)
 
 __all__ = [
     "ActorCriticTrainConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "EMAConfig", "EvalConfig",
     "ExportConfig", "GenerationConfig", "HybridEngineConfig", "KLConfig", "LoraConfig", "MixtureConfig",
-    "ModelSpec", "ModelsConfig", "OptimizerConfig", "PPOConfig", "PROFILES_DIR", "PROJECT_ROOT",
+    "ModelSpec", "ModelsConfig", "OptimizerConfig", "RLConfig", "PROFILES_DIR", "PROJECT_ROOT",
     "PipelineConfig", "PtxConfig", "ResourcesConfig", "RewardConfig", "SFTConfig", "ScheduleConfig",
     "Section", "SourceConfig", "StorageConfig", "TrainStageConfig", "apply_overrides", "load_config",
     "parse_override", "profile_path", "validate_config"]

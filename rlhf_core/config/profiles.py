@@ -1,6 +1,6 @@
 """Profiles: loading a YAML profile, dotted overrides, validation with messages that name the key.
 
-A profile (``profiles/<name>.yaml``) is a complete :class:`PipelineConfig`. Overrides (``ppo.kl.coef=0.05``)
+A profile (``profiles/<name>.yaml``) is a complete :class:`PipelineConfig`. Overrides (``rl.kl.coef=0.05``)
 are applied to the raw mapping and the whole config is validated again, so an override can never produce a
 config that a profile could not.
 """
@@ -33,7 +33,7 @@ def profile_path(profile: str) -> Path:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``'ppo.kl.coef=0.05'`` -> ``('ppo.kl.coef', 0.05)``; the value is parsed as YAML."""
+    """``'rl.kl.coef=0.05'`` -> ``('rl.kl.coef', 0.05)``; the value is parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.path=value")
     key, raw = text.split("=", 1)

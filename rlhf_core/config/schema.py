@@ -336,7 +336,7 @@ class KLConfig(Section):
     horizon: int = Field(10000, ge=1, description="Adaptive controller horizon (rollouts per full correction).")
 
 
-class PPOConfig(Section):
+class RLConfig(Section):
     epochs: int = Field(1, ge=1, description="Passes over the PPO prompts.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many PPO steps.")
     rollout_batch_size: int = Field(16, ge=1, description="Prompts per generation batch per process.")
@@ -364,7 +364,7 @@ class PPOConfig(Section):
     seed: int = Field(1234, description="Seed of the prompt order, minibatch order and sampling.")
 
     @model_validator(mode="after")
-    def _micro_batch_divides(self) -> "PPOConfig":
+    def _micro_batch_divides(self) -> "RLConfig":
         rows = self.rollout_batch_size * self.generation_batches
         if rows % self.train_micro_batch_size:
             raise ValueError(
@@ -413,7 +413,7 @@ class EvalConfig(Section):
         "bundled task's (rlhf_core/data/tiny_task.py)."
     )
     num_prompts: int = Field(64, ge=1, description="Held-out PPO prompts to sample from.")
-    max_answer_len: int | None = Field(None, ge=1, description="Default: ppo.generation.max_answer_len.")
+    max_answer_len: int | None = Field(None, ge=1, description="Default: rl.generation.max_answer_len.")
     do_sample: bool = Field(False, description="Sample the evaluation answers (off: greedy).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature when do_sample.")
     samples_in_report: int = Field(8, ge=0, description="Prompts shown with every model's answer in report.md.")
@@ -491,7 +491,7 @@ class PipelineConfig(Section):
     models: ModelsConfig = Field(description="The actor and the reward model's base.")
     sft: SFTConfig = Field(default_factory=SFTConfig, description="Step 1: supervised fine-tuning of the actor.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Step 2: the reward model.")
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Step 3: PPO.")
+    rl: RLConfig = Field(default_factory=RLConfig, description="Step 3: reinforcement learning of the actor.")
     ema: EMAConfig = Field(default_factory=EMAConfig, description="The EMA of the actor during step 3.")
     mixture: MixtureConfig = Field(default_factory=MixtureConfig, description="The pretraining loss in step 3.")
     hybrid_engine: HybridEngineConfig = Field(default_factory=HybridEngineConfig,
@@ -506,10 +506,10 @@ class PipelineConfig(Section):
         for key, coef in (("mixture.ptx_coef", self.mixture.ptx_coef), ("sft.ptx_coef", self.sft.ptx_coef)):
             if coef > 0 and not self.data.ptx.path:
                 raise ValueError(f"{key} > 0 needs data.ptx.path (a plain-text corpus)")
-        if self.data.max_prompt_tokens + self.ppo.generation.max_answer_len > _max_positions(self.models.actor):
+        if self.data.max_prompt_tokens + self.rl.generation.max_answer_len > _max_positions(self.models.actor):
             raise ValueError(
-                f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + ppo.generation.max_answer_len "
-                f"({self.ppo.generation.max_answer_len}) exceeds the actor's "
+                f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rl.generation.max_answer_len "
+                f"({self.rl.generation.max_answer_len}) exceeds the actor's "
                 f"{_max_positions(self.models.actor)} positions; lower one of them"
             )
         return self

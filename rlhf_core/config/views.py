@@ -18,7 +18,7 @@ from pydantic import Field
 
 from rlhf_core.config.schema import (CONTENT_KEYED, DataConfig, EMAConfig, EvalConfig, ExportConfig, GenerationConfig,
                                      GoldReward, HybridEngineConfig, MixtureConfig, ModelSpec, PipelineConfig,
-                                     PPOConfig, PromptFormat, Section, SFTConfig, TrainStageConfig)
+                                     RLConfig, PromptFormat, Section, SFTConfig, TrainStageConfig)
 
 
 class TokenizerSpec(Section):
@@ -83,8 +83,8 @@ class RewardSettings(Section):
                    world_size=cfg.resources.world_size)
 
 
-class PPOSettings(Section):
-    ppo: PPOConfig = Field(description="ppo")
+class RLSettings(Section):
+    rl: RLConfig = Field(description="rl")
     ema: EMAConfig = Field(description="ema")
     mixture: MixtureConfig = Field(description="mixture")
     ptx: PtxBlocks | None = Field(description="data.ptx's blocks, when mixture.ptx_coef > 0")
@@ -95,8 +95,8 @@ class PPOSettings(Section):
     world_size: int = Field(description="Processes: they change the batch schedule.")
 
     @classmethod
-    def from_config(cls, cfg: PipelineConfig) -> "PPOSettings":
-        return cls(ppo=cfg.ppo, ema=cfg.ema, mixture=cfg.mixture,
+    def from_config(cls, cfg: PipelineConfig) -> "RLSettings":
+        return cls(rl=cfg.rl, ema=cfg.ema, mixture=cfg.mixture,
                    ptx=PtxBlocks.of(cfg) if cfg.mixture.ptx_coef > 0 else None, hybrid_engine=cfg.hybrid_engine,
                    prompt_format=cfg.data.prompt_format, max_prompt_tokens=cfg.data.max_prompt_tokens,
                    gold_reward=cfg.eval.gold_reward, world_size=cfg.resources.world_size)
@@ -114,7 +114,7 @@ class ExportSettings(Section):
 
 class EvaluateSettings(Section):
     eval: EvalConfig = Field(description="eval")
-    generation: GenerationConfig = Field(description="Answer sampling: eval's, with ppo's answer length by default.")
+    generation: GenerationConfig = Field(description="Answer sampling: eval's, with rl's answer length by default.")
     hybrid_engine: HybridEngineConfig = Field(description="hybrid_engine (the fast path samples differently)")
     prompt_format: PromptFormat = Field(description="data.prompt_format")
     ptx_block_tokens: int = Field(description="data.ptx.block_tokens, for the held-out perplexity")
@@ -122,7 +122,7 @@ class EvaluateSettings(Section):
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> "EvaluateSettings":
         e = cfg.eval
-        gen = GenerationConfig(max_answer_len=e.max_answer_len or cfg.ppo.generation.max_answer_len,
+        gen = GenerationConfig(max_answer_len=e.max_answer_len or cfg.rl.generation.max_answer_len,
                                do_sample=e.do_sample, temperature=e.temperature)
         return cls(eval=e, generation=gen, hybrid_engine=cfg.hybrid_engine, prompt_format=cfg.data.prompt_format,
                    ptx_block_tokens=cfg.data.ptx.block_tokens)

@@ -9,7 +9,7 @@ blended across sources with the normalised weights as sampling probabilities.
 
 Output files (Arrow IPC stream, the format ``datasets`` memory-maps)::
 
-    sft/train.arrow sft/eval.arrow reward/train.arrow reward/eval.arrow ppo/train.arrow ppo/eval.arrow
+    sft/train.arrow sft/eval.arrow reward/train.arrow reward/eval.arrow rl/train.arrow rl/eval.arrow
     ptx/train.arrow ptx/eval.arrow      (only with data.ptx.path)
 """
 
@@ -28,10 +28,10 @@ from rlhf_core.config.views import DataSettings
 from rlhf_core.data.adapters import DataError, convert_rows, iter_text_lines, load_raw
 from rlhf_core.data.formats import render_prompt
 from rlhf_core.stages.context import StageContext
-from rlhf_core.stages.registry import PPO, REWARD, SFT
+from rlhf_core.stages.registry import RL, REWARD, SFT
 from rlhf_core.storage.store import Manifest, Store
 
-STAGES = (SFT, REWARD, PPO)  # the steps the data is split between
+STAGES = (SFT, REWARD, RL)  # the steps the data is split between
 SPLITS = ("train", "eval")
 ROW_SCHEMA = pa.schema(
     [("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()), ("source", pa.string())]
@@ -114,7 +114,7 @@ def build_data(settings: DataSettings) -> BuiltData:
         tables.update(_ptx_tables(data.ptx, data))
         counts.update({name: tables[name].num_rows for name in ("ptx/train", "ptx/eval")})
 
-    dropped_long = sum(s[PPO].get(f"{p}_dropped_prompt_too_long", 0) for s in per_source.values() for p in SPLITS)
+    dropped_long = sum(s[RL].get(f"{p}_dropped_prompt_too_long", 0) for s in per_source.values() for p in SPLITS)
     metrics = {"rows": counts, "sources": per_source, "prompts_dropped_too_long": dropped_long}
     return BuiltData(tables, metrics)
 

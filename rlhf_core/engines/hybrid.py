@@ -128,7 +128,7 @@ class HybridEngine:
         if not ok and not self._told:
             weights = self.fast.bytes_needed(model, 0, 0, 0)
             fix = ("the whole weights alone do not fit one device" if weights > free else
-                   "a smaller ppo.rollout_batch_size or hybrid_engine.max_batch would use the fast path")
+                   "a smaller rl.rollout_batch_size or hybrid_engine.max_batch would use the fast path")
             self.log(f"hybrid engine: generating {B} x {T} tokens at once needs about {need / 2**30:.1f} GiB (whole "
                      f"weights and KV cache) and {free / 2**30:.1f} GiB is free here or on another rank; generating with "
                      f"transformers instead ({fix})")

@@ -13,7 +13,7 @@ from torch import nn
 
 from rlhf_core.config import ModelSpec
 from rlhf_core.config.schema import PromptFormat
-from rlhf_core.maths.rl import last_index
+from rlhf_core.maths.algos import last_index
 from rlhf_core.models.loading import ModelLoadError, build_config, fit_vocab, partitioned, seeded, set_dropout
 from rlhf_core.storage.store import local_copy
 

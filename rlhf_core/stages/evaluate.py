@@ -26,14 +26,14 @@ from rlhf_core.models.reward_model import load_reward_model, reward_meta
 from rlhf_core.models.tokenizers import load_saved_tokenizer
 from rlhf_core.stages.context import StageContext
 from rlhf_core.stages.export import EXPORTS
-from rlhf_core.stages.registry import (DATA, EXPORT, LOGS, METRICS, MODEL, PLOTS, PPO, REPORT, REWARD, SAMPLES,
+from rlhf_core.stages.registry import (DATA, EXPORT, LOGS, METRICS, MODEL, PLOTS, RL, REPORT, REWARD, SAMPLES,
                                        SFT)
 from rlhf_core.storage.store import Manifest
 from rlhf_core.trainers.experience import RewardScorer, answer_texts, gold_scores, model_kwargs, tokenize_prompts
 from rlhf_core.trainers.metrics import plot_curves
 
-CURVE_KEYS = ["reward/score", "gold/reward", "kl/mean", "ppo/policy_loss", "ppo/value_loss", "ppo/ptx_loss",
-              "ppo/clipfrac", "gen/answer_len", "kl/coef"]
+CURVE_KEYS = ["reward/score", "gold/reward", "kl/mean", "rl/policy_loss", "rl/value_loss", "rl/ptx_loss",
+              "rl/clipfrac", "gen/answer_len", "kl/coef"]
 
 
 @dataclass
@@ -120,7 +120,7 @@ def run_evaluate(ctx: StageContext) -> Manifest | None:
     rm = load_reward_model(reward_path).to(device).eval()
     scorer = RewardScorer(rm, load_saved_tokenizer(reward_path), tok, settings.prompt_format,
                           reward_meta(reward_path).max_seq_len, device)
-    prompts = list(load_split(ctx.store, up[DATA], f"{PPO}/eval")["prompt"])[: settings.eval.num_prompts]
+    prompts = list(load_split(ctx.store, up[DATA], f"{RL}/eval")["prompt"])[: settings.eval.num_prompts]
     prompt_ids = tokenize_prompts(prompts, tok, settings.prompt_format)
     blocks = None
     if any(f.path == "ptx/eval.arrow" for f in up[DATA].files):
@@ -156,7 +156,7 @@ def _plots(ctx: StageContext, table: dict[str, dict[str, float]], folder: str) -
     """Training curves of each upstream training stage (from their metric logs) and a bar chart of the
     evaluation, as PNGs in ``folder``; returns title -> file name."""
     plots = {}
-    for stage, keys in ((PPO, CURVE_KEYS), (SFT, None), (REWARD, None)):
+    for stage, keys in ((RL, CURVE_KEYS), (SFT, None), (REWARD, None)):
         m = ctx.upstream[stage]
         try:
             raw = ctx.store.read_bytes(m.stage, m.key, f"{LOGS}/metrics.jsonl")

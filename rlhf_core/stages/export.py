@@ -15,42 +15,42 @@ from rlhf_core.models.causal_lm import load_causal_lm, save_causal_lm
 from rlhf_core.models.loading import torch_dtype
 from rlhf_core.models.tokenizers import load_saved_tokenizer
 from rlhf_core.stages.context import StageContext
-from rlhf_core.stages.registry import ACTOR, ACTOR_EMA, EMA, FINAL, PPO, SFT
+from rlhf_core.stages.registry import ACTOR, ACTOR_EMA, EMA, FINAL, RL, SFT
 from rlhf_core.storage.store import Manifest
 
 EXPORTS = {FINAL: ACTOR, EMA: ACTOR_EMA}  # exported name -> folder in the PPO output
 
 
-def about(name: str, ppo: Manifest) -> str:
+def about(name: str, rl: Manifest) -> str:
     """The card's paragraph: what this actor is and how PPO trained it (from the PPO output's settings)."""
-    s = ppo.config
-    kl, mix = s["ppo"]["kl"], s["mixture"]["ptx_coef"]
+    s = rl.config
+    kl, mix = s["rl"]["kl"], s["mixture"]["ptx_coef"]
     what = ("the final PPO actor" if name == FINAL else
             f"the exponential moving average of the PPO actor (beta {s['ema']['beta']})")
     return (f"This is {what}, trained by rlhf-flow with RLHF: SFT, a reward model, then PPO with a KL penalty "
             f"(coefficient {kl['coef']}, estimator {kl['estimator']}{', adaptive' if kl['adaptive'] else ''}) and a "
             f"pretraining-mixture coefficient of {mix}. LoRA adapters, if any, are merged: load it with "
             f"`AutoModelForCausalLM.from_pretrained(path)`. Prompts follow the `{s['prompt_format']}` format.\n\n"
-            f"Made from the PPO output with content {ppo.content_id[:12]} (`rlhf store show` on this export's key "
+            f"Made from the PPO output with content {rl.content_id[:12]} (`rlhf store show` on this export's key "
             "gives the whole lineage).")
 
 
 def run_export(ctx: StageContext) -> Manifest:
     settings: ExportSettings = ctx.settings
-    ppo = ctx.upstream[PPO]
-    folders = {f.path.split("/")[0] for f in ppo.files}
-    base = f"SFT output (content {ppo.upstream_content[SFT][:12]})"
+    rl = ctx.upstream[RL]
+    folders = {f.path.split("/")[0] for f in rl.files}
+    base = f"SFT output (content {rl.upstream_content[SFT][:12]})"
     metrics: dict = {"models": [], "parameters": 0, "dtype": settings.export.dtype}
 
     def write(folder: str) -> None:
         for name, src_folder in EXPORTS.items():
             if src_folder not in folders:
                 continue
-            src = ctx.fetch(PPO, src_folder)
+            src = ctx.fetch(RL, src_folder)
             model = load_causal_lm(src, what=f"the PPO {name} actor")
             save_causal_lm(model, load_saved_tokenizer(src), os.path.join(folder, name),
                            dtype=torch_dtype(settings.export.dtype),
-                           card=model_card(f"{name} actor", base, about(name, ppo), ppo.metrics))
+                           card=model_card(f"{name} actor", base, about(name, rl), rl.metrics))
             metrics["models"].append(name)
             metrics["parameters"] = max(metrics["parameters"], sum(p.numel() for p in model.parameters()))
 

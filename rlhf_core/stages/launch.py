@@ -1,6 +1,6 @@
 """The worker entry: run one stage in this process (and its peers).
 
-    python -m rlhf_core.stages.launch sft|reward|ppo|evaluate JOB_URL
+    python -m rlhf_core.stages.launch sft|reward|rl|evaluate JOB_URL
     torchrun --nproc_per_node 2 -m rlhf_core.stages.launch sft JOB_URL
     deepspeed --hostfile H --no_local_rank --module rlhf_core.stages.launch sft JOB_URL
 

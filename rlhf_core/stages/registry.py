@@ -18,16 +18,16 @@ from pydantic_core import to_jsonable_python
 
 from rlhf_core.config import PipelineConfig, SourceConfig
 from rlhf_core.config.schema import CONTENT_KEYED, Section
-from rlhf_core.config.views import (DataSettings, EvaluateSettings, ExportSettings, PPOSettings, RewardSettings,
+from rlhf_core.config.views import (DataSettings, EvaluateSettings, ExportSettings, RLSettings, RewardSettings,
                                     SFTSettings)
 from rlhf_core.storage.store import Manifest, hash_key
 
-DATA, SFT, REWARD, PPO, EXPORT, EVALUATE = "data", "sft", "reward", "ppo", "export", "evaluate"
+DATA, SFT, REWARD, RL, EXPORT, EVALUATE = "data", "sft", "reward", "rl", "export", "evaluate"
 
 # What stage outputs hold (relative to <stage>/<key>/), one name each.
 MODEL = "model"  # sft, reward: an HF folder (the reward model's with its value head and meta)
 LOGS = "logs"  # training stages: metrics.jsonl, tensorboard/, curves.png
-ACTOR, ACTOR_EMA, CRITIC = "actor", "actor_ema", "critic"  # ppo
+ACTOR, ACTOR_EMA, CRITIC = "actor", "actor_ema", "critic"  # rl
 FINAL, EMA = "final", "ema"  # export: plain HF folders
 REPORT, METRICS, SAMPLES, PLOTS = "report.md", "metrics.json", "samples.jsonl", "plots"  # evaluate
 
@@ -50,16 +50,16 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage(DATA, 2, (), DataSettings, "rlhf_core.data.prepare:run_data_stage", False,
-          ("sft/", "reward/", "ppo/", "ptx/"), ("rows",), "unify, split and blend the sources"),
+          ("sft/", "reward/", "rl/", "ptx/"), ("rows",), "unify, split and blend the sources"),
     Stage(SFT, 2, (DATA,), SFTSettings, "rlhf_core.trainers.sft:train_sft", True,
           (MODEL, LOGS), ("eval_loss",), "step 1: supervised fine-tuning of the actor"),
     Stage(REWARD, 2, (DATA,), RewardSettings, "rlhf_core.trainers.reward:train_reward", True,
           (MODEL, LOGS), ("eval_accuracy",), "step 2: the reward model"),
-    Stage(PPO, 2, (DATA, SFT, REWARD), PPOSettings, "rlhf_core.trainers.ppo:train_ppo", True,
-          (ACTOR, ACTOR_EMA, CRITIC, LOGS), ("gold_last", "reward_last"), "step 3: PPO"),
-    Stage(EXPORT, 2, (PPO,), ExportSettings, "rlhf_core.stages.export:run_export", False,
+    Stage(RL, 2, (DATA, SFT, REWARD), RLSettings, "rlhf_core.trainers.rl:train_rl", True,
+          (ACTOR, ACTOR_EMA, CRITIC, LOGS), ("gold_last", "reward_last"), "step 3: reinforcement learning of the actor"),
+    Stage(EXPORT, 2, (RL,), ExportSettings, "rlhf_core.stages.export:run_export", False,
           (FINAL, EMA), ("models",), "the final and EMA actors as plain HF models"),
-    Stage(EVALUATE, 2, (DATA, SFT, REWARD, PPO, EXPORT), EvaluateSettings, "rlhf_core.stages.evaluate:run_evaluate",
+    Stage(EVALUATE, 2, (DATA, SFT, REWARD, RL, EXPORT), EvaluateSettings, "rlhf_core.stages.evaluate:run_evaluate",
           True, (REPORT, METRICS, SAMPLES, PLOTS), ("win_rate_vs_sft", "gold_reward", "reward_score"),
           "samples and scores of the SFT, final and EMA actors"),
 ]}
@@ -74,7 +74,7 @@ def stage(name: str) -> Stage:
 
 
 def needed_for(name: str) -> set[str]:
-    """``name`` and every stage it is made from, transitively (``needed_for('ppo')`` has no export)."""
+    """``name`` and every stage it is made from, transitively (``needed_for('rl')`` has no export)."""
     out = {name}
     for up in stage(name).inputs:
         out |= needed_for(up)

@@ -13,13 +13,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from rlhf_core.config import DeepSpeedConfig, PPOConfig
+from rlhf_core.config import DeepSpeedConfig, RLConfig
 from rlhf_core.config.schema import PromptFormat
-from rlhf_core.config.views import PPOSettings
+from rlhf_core.config.views import RLSettings
 from rlhf_core.data.formats import render_prompt
 from rlhf_core.engines.hybrid import Rollout, accepts, position_ids_from
 from rlhf_core.engines.training import build_ds_config, frozen_config, frozen_engine, initialize
-from rlhf_core.maths.rl import compute_gae, compute_rewards, logprobs_from_logits
+from rlhf_core.maths.algos import compute_gae, compute_rewards, logprobs_from_logits
 from rlhf_core.models.causal_lm import load_causal_lm
 from rlhf_core.models.loading import torch_dtype
 from rlhf_core.models.lora import for_training
@@ -196,31 +196,31 @@ class Models:
 def build_models(ctx: StageContext, total_updates: int) -> Models:
     """Actor and critic engines (from the SFT and reward outputs), the frozen reference and reward model,
     the EMA of the actor, and the two tokenizers."""
-    settings: PPOSettings = ctx.settings
-    ppo, dist = settings.ppo, ctx.dist
+    settings: RLSettings = ctx.settings
+    rl, dist = settings.rl, ctx.dist
     sft_path, reward_path = ctx.fetch(SFT, MODEL), ctx.fetch(REWARD, MODEL)
     actor_tok = load_saved_tokenizer(sft_path, padding_side="left")
     reward_tok = load_saved_tokenizer(reward_path, padding_side="right")
-    micro = ppo.train_micro_batch_size
+    micro = rl.train_micro_batch_size
 
     # Under ZeRO-3 every model is partitioned across the ranks as it loads, so no rank holds a whole copy.
-    actor_ds = build_ds_config(ppo.actor.deepspeed, ppo.actor.optimizer, micro, 1, dist.world_size)
-    actor = for_training(load_causal_lm(sft_path, dropout=ppo.actor.dropout, what="the SFT actor",
-                                        partition_with=actor_ds), ppo.actor.lora, ppo.actor.gradient_checkpointing)
-    actor_engine = initialize(actor, actor_ds, ppo.actor.optimizer, total_updates)
+    actor_ds = build_ds_config(rl.actor.deepspeed, rl.actor.optimizer, micro, 1, dist.world_size)
+    actor = for_training(load_causal_lm(sft_path, dropout=rl.actor.dropout, what="the SFT actor",
+                                        partition_with=actor_ds), rl.actor.lora, rl.actor.gradient_checkpointing)
+    actor_engine = initialize(actor, actor_ds, rl.actor.optimizer, total_updates)
 
-    critic_ds = build_ds_config(ppo.critic.deepspeed, ppo.critic.optimizer, micro, 1, dist.world_size)
-    critic = for_training(load_reward_model(reward_path, dropout=ppo.critic.dropout, partition_with=critic_ds),
-                          ppo.critic.lora, ppo.critic.gradient_checkpointing)
-    critic_engine = initialize(critic, critic_ds, ppo.critic.optimizer, total_updates)
+    critic_ds = build_ds_config(rl.critic.deepspeed, rl.critic.optimizer, micro, 1, dist.world_size)
+    critic = for_training(load_reward_model(reward_path, dropout=rl.critic.dropout, partition_with=critic_ds),
+                          rl.critic.lora, rl.critic.gradient_checkpointing)
+    critic_engine = initialize(critic, critic_ds, rl.critic.optimizer, total_updates)
 
     ref, ref_offloaded = frozen_model(
         lambda dtype, ds: load_causal_lm(sft_path, dtype=dtype, dropout=0.0, what="the reference (SFT) model",
                                          partition_with=ds),
-        ppo.actor.deepspeed, ppo.offload_reference, micro, dist)
+        rl.actor.deepspeed, rl.offload_reference, micro, dist)
     reward, reward_offloaded = frozen_model(
         lambda dtype, ds: load_reward_model(reward_path, dtype=dtype, dropout=0.0, partition_with=ds),
-        ppo.critic.deepspeed, ppo.offload_reward, micro, dist)
+        rl.critic.deepspeed, rl.offload_reward, micro, dist)
     ema = None
     if settings.ema.enabled:
         ema = EMA(actor_engine.module, settings.ema.beta, actor_engine.zero_optimization_stage() == 3, ctx.is_main,
@@ -260,16 +260,16 @@ def on_device(module: torch.nn.Module, device: torch.device, offloaded: bool) ->
 # ------------------------------------------------------------------------------------------- experience
 
 
-def make_experience(m: Models, scorer: RewardScorer, rollout: Rollout, prompts: list[str], ppo: PPOConfig,
+def make_experience(m: Models, scorer: RewardScorer, rollout: Rollout, prompts: list[str], rl: RLConfig,
                     kl_coef: float, timer: Timer) -> tuple[Experience, torch.Tensor]:
     """Phases 2-4 for one generation batch: score, shape rewards, advantages (not yet whitened).
 
     Returns the experience and the reward model's raw scores [B] (before normalising and scaling)."""
     device = rollout.sequences.device
-    temperature = ppo.generation.logprob_temperature
+    temperature = rl.generation.logprob_temperature
     seq, att, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
     mask = rollout.response_mask.float()
-    chunk = ppo.train_micro_batch_size  # rows per scoring forward: bounds the [rows, A, vocab] logits
+    chunk = rl.train_micro_batch_size  # rows per scoring forward: bounds the [rows, A, vocab] logits
     with timer("score"), torch.no_grad():
         m.actor.eval()
         old_logprobs = sequence_logprobs(m.actor, seq, att, P, temperature, chunk)
@@ -280,12 +280,12 @@ def make_experience(m: Models, scorer: RewardScorer, rollout: Rollout, prompts: 
         with on_device(m.reward, device, m.reward_offloaded):
             raw = scorer(prompts, rollout)
     scores = raw
-    if ppo.normalize_reward:
+    if rl.normalize_reward:
         scores = (scores - m.reward_meta.score_mean) / max(m.reward_meta.score_std, 1e-6)
-    scores = scores * ppo.reward_scale
+    scores = scores * rl.reward_scale
     with timer("advantages"):
-        rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, ppo.kl.estimator,
-                                      clip=ppo.reward_clip)
-        advantages, returns = compute_gae(rewards, values, mask, ppo.gamma, ppo.lam)
+        rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, rl.kl.estimator,
+                                      clip=rl.reward_clip)
+        advantages, returns = compute_gae(rewards, values, mask, rl.gamma, rl.lam)
     exp = Experience(seq, att, mask, old_logprobs, ref_logprobs, values, scores, rewards, kl, advantages, returns, P)
     return exp, raw

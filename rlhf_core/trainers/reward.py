@@ -14,7 +14,7 @@ from rlhf_core.config.views import RewardSettings
 from rlhf_core.data.formats import render_answer, render_prompt
 from rlhf_core.data.prepare import load_split
 from rlhf_core.engines.training import build_ds_config, initialize
-from rlhf_core.maths.rl import masked_mean_var
+from rlhf_core.maths.algos import masked_mean_var
 from rlhf_core.models.card import base_name, model_card
 from rlhf_core.models.lora import for_training, merge_lora
 from rlhf_core.models.reward_model import RewardMeta, build_reward_model, save_reward_model, sequence_scores

@@ -17,7 +17,7 @@ def test_every_profile_loads_and_validates(name):
     assert cfg.data.sources and cfg.models.actor and cfg.models.reward
     # Frozen after validation.
     with pytest.raises(Exception):
-        cfg.ppo.kl.coef = 1.0  # type: ignore[misc]
+        cfg.rl.kl.coef = 1.0  # type: ignore[misc]
 
 
 def test_profiles_follow_deepspeed_chat_deployments():
@@ -27,14 +27,14 @@ def test_profiles_follow_deepspeed_chat_deployments():
     assert multi.models.actor.name_or_path == "facebook/opt-66b"
     for cfg in (single, node, multi):
         assert cfg.models.reward.name_or_path == "facebook/opt-350m"
-        assert cfg.data.max_prompt_tokens == 256 and cfg.ppo.generation.max_answer_len == 256
+        assert cfg.data.max_prompt_tokens == 256 and cfg.rl.generation.max_answer_len == 256
         assert cfg.resources.device == "cuda"
     assert multi.resources.nnodes > 1 and multi.resources.launcher == "deepspeed"
 
 
 def test_override_sets_nested_value_and_list_item():
-    cfg = load_config("tiny", ["ppo.kl.coef=0.25", "data.sources.0.weight=3", "sft.deepspeed.extra={a: 1}"])
-    assert cfg.ppo.kl.coef == 0.25
+    cfg = load_config("tiny", ["rl.kl.coef=0.25", "data.sources.0.weight=3", "sft.deepspeed.extra={a: 1}"])
+    assert cfg.rl.kl.coef == 0.25
     assert cfg.data.sources[0].weight == 3
     assert cfg.sft.deepspeed.extra == {"a": 1}
 
@@ -47,9 +47,9 @@ def test_storage_root_is_an_override_key(tmp_path):
 @pytest.mark.parametrize(
     "override, expect",
     [
-        ("ppo.kl.coeff=1", "unknown key 'ppo.kl.coeff': ppo.kl has adaptive, coef, estimator, horizon, target"),
+        ("rl.kl.coeff=1", "unknown key 'rl.kl.coeff': rl.kl has adaptive, coef, estimator, horizon, target"),
         ("nonsense=1", "unknown key 'nonsense'"),
-        ("ppo.kl.coef.x=1", "ppo.kl.coef is a value, not a section"),
+        ("rl.kl.coef.x=1", "rl.kl.coef is a value, not a section"),
         ("data.sources.5.weight=1", "data.sources is a list of 1 entries"),
     ],
 )
@@ -62,14 +62,14 @@ def test_unknown_keys_are_rejected_with_what_is_allowed(override, expect):
 @pytest.mark.parametrize(
     "override, expect",
     [
-        ("ppo.kl.estimator=k4", "ppo.kl.estimator: Input should be 'k1', 'k2' or 'k3', got 'k4'"),
+        ("rl.kl.estimator=k4", "rl.kl.estimator: Input should be 'k1', 'k2' or 'k3', got 'k4'"),
         ("sft.deepspeed.zero_stage=5", "sft.deepspeed.zero_stage"),
         ("data.sources.0.weight=0", "data.sources.0.weight: Input should be greater than 0"),
         ("data.sources.0.weight=-1", "data.sources.0.weight"),
         ("data.split=1,x,2", "split must be three integers"),
         ("ema.beta=2", "ema.beta: Input should be less than or equal to 1"),
         ("sft.deepspeed.offload_params=true", "offload_params needs zero_stage 3"),
-        ("ppo.train_micro_batch_size=5", "must be a multiple of train_micro_batch_size (5)"),
+        ("rl.train_micro_batch_size=5", "must be a multiple of train_micro_batch_size (5)"),
     ],
 )
 def test_bad_values_name_the_key(override, expect):
@@ -85,7 +85,7 @@ def test_unknown_profile_lists_known_ones():
 
 def test_malformed_override():
     with pytest.raises(ConfigError, match="must look like key.path=value"):
-        parse_override("ppo.kl.coef")
+        parse_override("rl.kl.coef")
     with pytest.raises(ConfigError, match="not valid YAML"):
         parse_override("a.b=[1,")
 
@@ -97,4 +97,4 @@ def test_mixture_needs_a_corpus():
 
 def test_lengths_must_fit_the_actor():
     with pytest.raises(ConfigError, match="exceeds the actor's 64 positions"):
-        load_config("tiny", {"ppo.generation.max_answer_len": 60})
+        load_config("tiny", {"rl.generation.max_answer_len": 60})

@@ -46,9 +46,9 @@ def test_tiny_data_stage_splits_without_overlap(tmp_path):
     built = build_data(cfg)
     rows = {name: t.to_pylist() for name, t in built.tables.items()}
     assert {n: len(r) for n, r in rows.items() if n.endswith("train")} == {
-        "sft/train": 800, "reward/train": 1600, "ppo/train": 1600, "ptx/train": 2700}
+        "sft/train": 800, "reward/train": 1600, "rl/train": 1600, "ptx/train": 2700}
     key = lambda r: (r["prompt"].strip(), r["chosen"].strip(), r["rejected"].strip())  # noqa: E731
-    used = Counter(key(r) for s in ("sft", "reward", "ppo") for r in rows[f"{s}/train"])
+    used = Counter(key(r) for s in ("sft", "reward", "rl") for r in rows[f"{s}/train"])
     source = Counter(key(json.loads(line)) for line in
                      (PROJECT / "data" / "tiny_task" / "data" / "train.json").read_text().splitlines())
     assert sum(used.values()) == 4000 and not used - source  # every source row goes to one stage at most
@@ -94,8 +94,8 @@ def test_long_prompts_are_dropped_and_counted(tmp_path):
                                              "data.split": "1,1,1"})
     m = prepare(cfg)
     assert m.metrics["prompts_dropped_too_long"] > 0
-    ppo = load_split(Store.from_config(cfg.storage), m, "ppo/train")
-    assert all(len(r["prompt"].split()) <= 16 for r in ppo)
+    rl = load_split(Store.from_config(cfg.storage), m, "rl/train")
+    assert all(len(r["prompt"].split()) <= 16 for r in rl)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -268,7 +268,7 @@ def test_trained_tiny_actor_fast_equals_transformers(tiny_trained):
     store = Store.from_config(tiny_trained["cfg"].storage)
     path = store.fetch("sft", tiny_trained["sft"].key, "model")
     tok, model = load_saved_tokenizer(path, "left"), load_causal_lm(path).eval()
-    prompts = list(load_split(store, tiny_trained["data"], "ppo/eval")["prompt"])[:48]
+    prompts = list(load_split(store, tiny_trained["data"], "rl/eval")["prompt"])[:48]
     ids, mask = left_pad(tokenize_prompts(prompts, tok, "human_assistant"), tok.pad_token_id)
     gen = GenerationConfig(max_answer_len=24, do_sample=False)
     fast = HybridEngine(model, tok, gen, HybridEngineConfig(enabled=True)).generate(ids, mask)

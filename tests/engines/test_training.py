@@ -59,8 +59,8 @@ def test_non_finite_gradient_norm_stops_training():
     check_finite_grad_norm(FakeEngine(None), "sft")
     check_finite_grad_norm(FakeEngine(float("nan"), bf16=False), "sft")  # fp16/fp32: DeepSpeed's own handling
     for bad in (float("nan"), float("inf")):
-        with pytest.raises(NonFiniteGradient, match="ppo actor: gradient norm is"):
-            check_finite_grad_norm(FakeEngine(bad), "ppo actor")
+        with pytest.raises(NonFiniteGradient, match="rl actor: gradient norm is"):
+            check_finite_grad_norm(FakeEngine(bad), "rl actor")
 
 
 def test_bf16_skips_deepspeeds_per_partition_overflow_check_unless_asked():

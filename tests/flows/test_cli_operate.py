@@ -20,9 +20,9 @@ def no_flow(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--profile", "nope"], "unknown profile 'nope': known profiles are multi_node, single_gpu, single_node, tiny"),
-    (["--set", "ppo.kl.coef"], "override 'ppo.kl.coef' must look like key.path=value"),
-    (["--set", "ppo.kl.coef=[1"], "override 'ppo.kl.coef=[1': value is not valid YAML"),
-    (["--set", "ppo.kl.coef=lots"], "ppo.kl.coef: Input should be a valid number"),
+    (["--set", "rl.kl.coef"], "override 'rl.kl.coef' must look like key.path=value"),
+    (["--set", "rl.kl.coef=[1"], "override 'rl.kl.coef=[1': value is not valid YAML"),
+    (["--set", "rl.kl.coef=lots"], "rl.kl.coef: Input should be a valid number"),
     (["--set", "reward.existing=file:///nowhere/reward/" + "0" * 20],
      "there is no manifest.json at file:///nowhere/reward/" + "0" * 20 + "/manifest.json"),
     (["--set", "reward.existing=" + "1" * 20], "holds no complete reward output"),
@@ -53,22 +53,22 @@ def test_serve_refuses_bad_input_before_serving(monkeypatch, capsys, args, messa
 
 
 def test_deployments_of_every_flow_with_a_form_and_the_schedule_on_the_pipeline():
-    params = RunParams(profile="tiny", storage_root="s3://bucket/rlhf", ppo_kl_coef=0.05)
+    params = RunParams(profile="tiny", storage_root="s3://bucket/rlhf", rl_kl_coef=0.05)
     cfg = params.config()
     deployments = build_deployments(params, cfg, cron="0 3 * * *")
     assert {d.flow_name for d in deployments} == {"rlhf-pipeline", "rlhf-data", "rlhf-sft", "rlhf-reward",
-                                                   "rlhf-ppo", "rlhf-export", "rlhf-evaluate"}
+                                                   "rlhf-rl", "rlhf-export", "rlhf-evaluate"}
     assert {d.name for d in deployments} == {"tiny"}
     by_flow = {d.flow_name: d for d in deployments}
-    assert by_flow["rlhf-ppo"].entrypoint == "flows.stage_flows.ppo_flow"  # a module path: any working directory
+    assert by_flow["rlhf-rl"].entrypoint == "flows.stage_flows.rl_flow"  # a module path: any working directory
     (schedule,) = by_flow["rlhf-pipeline"].schedules
     assert schedule.schedule.cron == "0 3 * * *" and not by_flow["rlhf-sft"].schedules
     assert by_flow["rlhf-sft"].parameters == {"params": {"profile": "tiny", "storage_root": "s3://bucket/rlhf",
-                                                         "ppo_kl_coef": 0.05}}
+                                                         "rl_kl_coef": 0.05}}
     form = by_flow["rlhf-pipeline"]._parameter_openapi_schema.model_dump()["definitions"]["RunParams"]["properties"]
-    assert {"profile", "storage_root", "reward_existing", "ppo_max_steps", "ppo_kl_coef", "actor_name_or_path",
+    assert {"profile", "storage_root", "reward_existing", "rl_max_steps", "rl_kl_coef", "actor_name_or_path",
             "overrides"} <= form.keys()
-    assert form["ppo_max_steps"]["anyOf"][0] == {"minimum": 1, "type": "integer"}  # typed and bounded in the UI
+    assert form["rl_max_steps"]["anyOf"][0] == {"minimum": 1, "type": "integer"}  # typed and bounded in the UI
 
 
 def test_schedule_from_the_profile_and_the_command_line():
@@ -85,23 +85,23 @@ def test_schedule_from_the_profile_and_the_command_line():
 
 
 def test_typed_form_fields_map_onto_dotted_overrides():
-    p = RunParams(actor_name_or_path="facebook/opt-125m", ppo_max_steps=3, overrides={"ppo.kl.coef": 0.05})
-    assert p.all_overrides() == {"ppo.kl.coef": 0.05, "ppo.max_steps": 3, "models.actor.name_or_path": "facebook/opt-125m",
+    p = RunParams(actor_name_or_path="facebook/opt-125m", rl_max_steps=3, overrides={"rl.kl.coef": 0.05})
+    assert p.all_overrides() == {"rl.kl.coef": 0.05, "rl.max_steps": 3, "models.actor.name_or_path": "facebook/opt-125m",
                                  "models.actor.architecture": None, "models.actor.tokenizer": None}
     cfg = p.config()
     assert cfg.models.actor.name_or_path == "facebook/opt-125m" and cfg.models.actor.tokenizer_path == "facebook/opt-125m"
-    assert RunParams(ppo_kl_coef=0.05, overrides={"ppo.kl.coef": 0.05}).all_overrides() == {"ppo.kl.coef": 0.05}
-    with pytest.raises(ConfigError, match="ppo_kl_coef=0.1 and overrides\\['ppo.kl.coef'\\]=0.2 disagree"):
-        RunParams(ppo_kl_coef=0.1, overrides={"ppo.kl.coef": 0.2}).config()
+    assert RunParams(rl_kl_coef=0.05, overrides={"rl.kl.coef": 0.05}).all_overrides() == {"rl.kl.coef": 0.05}
+    with pytest.raises(ConfigError, match="rl_kl_coef=0.1 and overrides\\['rl.kl.coef'\\]=0.2 disagree"):
+        RunParams(rl_kl_coef=0.1, overrides={"rl.kl.coef": 0.2}).config()
     with pytest.raises(ValueError):
-        RunParams(ppo_max_steps=0)  # the form's bounds hold outside the UI too
+        RunParams(rl_max_steps=0)  # the form's bounds hold outside the UI too
 
 
 def test_stage_flows_run_their_stage_and_what_it_is_made_from():
     from rlhf_core.stages import registry as stages
 
     assert stages.needed_for("reward") == {"data", "reward"}
-    assert stages.needed_for("ppo") == {"data", "sft", "reward", "ppo"}
+    assert stages.needed_for("rl") == {"data", "sft", "reward", "rl"}
     assert stages.needed_for("evaluate") == set(stages.ORDER)
-    with pytest.raises(ValueError, match="unknown stage 'rl'; stages are data, sft"):
-        stages.needed_for("rl")
+    with pytest.raises(ValueError, match="unknown stage 'ppo'; stages are data, sft"):
+        stages.needed_for("ppo")

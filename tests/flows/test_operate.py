@@ -166,10 +166,10 @@ def test_an_existing_reward_model_by_key_skips_reward_training(prefect_harness, 
 
 @pytest.mark.parametrize("params, message", [
     (RunParams(profile="nope"), "unknown profile 'nope': known profiles are"),
-    (RunParams(overrides={"ppo.kl.coef": "lots"}), "ppo.kl.coef: Input should be a valid number"),
-    (RunParams(overrides={"ppo.kl.coeff": 0.1}), "unknown key 'ppo.kl.coeff'"),
+    (RunParams(overrides={"rl.kl.coef": "lots"}), "rl.kl.coef: Input should be a valid number"),
+    (RunParams(overrides={"rl.kl.coeff": 0.1}), "unknown key 'rl.kl.coeff'"),
     (RunParams(reward_existing="file:///nowhere/reward/" + "0" * 20), "no manifest.json at file:///nowhere/reward/"),
-    (RunParams(ppo_kl_coef=0.1, overrides={"ppo.kl.coef": 0.2}), "ppo_kl_coef=0.1 and overrides"),
+    (RunParams(rl_kl_coef=0.1, overrides={"rl.kl.coef": 0.2}), "rl_kl_coef=0.1 and overrides"),
 ])
 def test_bad_input_fails_the_flow_before_any_task(prefect_harness, tmp_path, params, message):
     params = params.model_copy(update={"storage_root": str(tmp_path / "store")})

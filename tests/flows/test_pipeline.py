@@ -37,7 +37,7 @@ def first_run(tmp_path_factory):
 def test_first_command_completes_and_reports(first_run):
     root, stdout = first_run
     assert "Headline:" in stdout and "gold_reward: sft" in stdout and "report" in stdout
-    for stage in ("data", "sft", "reward", "ppo", "export", "evaluate"):
+    for stage in ("data", "sft", "reward", "rl", "export", "evaluate"):
         assert any((root / stage).glob("*/manifest.json")), stage
     report = next((root / "evaluate").glob("*/report.md")).read_text()
     assert "| final |" in report and "| ema |" in report  # the EMA actor is exported and evaluated
@@ -51,14 +51,14 @@ def test_second_run_is_all_cache_hits_and_a_ppo_change_reruns_only_what_follows(
     state = rlhf_pipeline(params, return_state=True)
     assert state.is_completed()
     states = _task_states(state)
-    assert set(states) == {"prepare-data", "train-sft", "train-reward", "train-ppo", "export-actors", "evaluate"}
+    assert set(states) == {"prepare-data", "train-sft", "train-reward", "train-rl", "export-actors", "evaluate"}
     assert set(states.values()) == {"Cached"}, states
     assert snapshot(root) == before  # a cached run writes nothing
 
-    changed = RunParams(profile="tiny", overrides={"storage.root": str(root), "ppo.kl.coef": 0.3, "ppo.max_steps": 10})
+    changed = RunParams(profile="tiny", overrides={"storage.root": str(root), "rl.kl.coef": 0.3, "rl.max_steps": 10})
     states = _task_states(rlhf_pipeline(changed, return_state=True))
     assert {k: v for k, v in states.items() if v == "Cached"}.keys() == {"prepare-data", "train-sft", "train-reward"}
-    assert {states[k] for k in ("train-ppo", "export-actors", "evaluate")} == {"Completed"}
+    assert {states[k] for k in ("train-rl", "export-actors", "evaluate")} == {"Completed"}
 
 
 def test_sft_and_reward_ran_at_the_same_time(first_run):

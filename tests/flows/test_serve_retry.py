@@ -40,7 +40,7 @@ def served(prefect_harness, tmp_path):
     log = open(tmp_path / "serve.log", "w")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
            "PREFECT_LOGGING_LEVEL": "INFO",
-           "RLHF_FAULT_KILL_AT_STEP": f"ppo:1:{tmp_path / 'ppo-kills'}:3"}
+           "RLHF_FAULT_KILL_AT_STEP": f"rl:1:{tmp_path / 'rl-kills'}:3"}
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--profile", "tiny"], cwd=PROJECT,
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -54,7 +54,7 @@ def served(prefect_harness, tmp_path):
                     assert proc.poll() is None, (tmp_path / "serve.log").read_text()
                     assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
                     time.sleep(0.5)
-        yield tmp_path / "ppo-kills", tmp_path / "serve.log"
+        yield tmp_path / "rl-kills", tmp_path / "serve.log"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -73,7 +73,7 @@ def test_a_run_that_failed_in_ppo_is_retried_from_ppo(served, tiny_trained, tmp_
     root = copy_trained(tiny_trained, tmp_path / "store")
     shutil.rmtree(root / "reward")  # the reward model comes from the other store, by URL
     reward_url = Store.from_config(tiny_trained["cfg"].storage).url_of("reward", tiny_trained["reward"].key)
-    params = RunParams(profile="tiny", storage_root=str(root), reward_existing=reward_url, ppo_max_steps=3,
+    params = RunParams(profile="tiny", storage_root=str(root), reward_existing=reward_url, rl_max_steps=3,
                        overrides={"eval.num_prompts": 8})
 
     run = run_deployment("rlhf-pipeline/tiny", parameters={"params": params.model_dump(mode="json", exclude_defaults=True)},
@@ -84,7 +84,7 @@ def test_a_run_that_failed_in_ppo_is_retried_from_ppo(served, tiny_trained, tmp_
     failures = [line[:300] for line in serve_log.read_text().splitlines() if "Task run failed" in line]
     assert kills.read_text() == "3", failures  # every attempt of the PPO task was killed
     assert states["prepare-data"] == "Cached" and states["train-sft"] == "Cached", states
-    assert states["use-reward-model"] == "Completed" and states["train-ppo"] == "Failed", states
+    assert states["use-reward-model"] == "Completed" and states["train-rl"] == "Failed", states
     assert "evaluate" not in states or states["evaluate"] != "Completed"
     before = snapshot(root / "sft") | snapshot(root / "reward") | snapshot(root / "data")
 
@@ -96,11 +96,11 @@ def test_a_run_that_failed_in_ppo_is_retried_from_ppo(served, tiny_trained, tmp_
     assert run.run_count == 2
     retried = task_states(run.id, attempt=2)
     assert {k: v for k, v in retried.items() if v == "Cached"}.keys() == {"prepare-data", "train-sft", "use-reward-model"}
-    assert {retried[k] for k in ("train-ppo", "export-actors", "evaluate")} == {"Completed"}, retried
+    assert {retried[k] for k in ("train-rl", "export-actors", "evaluate")} == {"Completed"}, retried
     assert task_states(run.id, attempt=1) == states  # the first attempt's record is kept
     assert snapshot(root / "sft") | snapshot(root / "reward") | snapshot(root / "data") == before
     store = Store(str(root))
-    for stage in ("ppo", "export", "evaluate"):
+    for stage in ("rl", "export", "evaluate"):
         (m,) = store.list_outputs(stage)
         assert m.producer["flow_run_id"] == str(run.id)
     (reward,) = store.list_outputs("reward")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rlhf_core.config import LoraConfig, ModelSpec
-from rlhf_core.maths.rl import last_index
+from rlhf_core.maths.algos import last_index
 from rlhf_core.models.causal_lm import build_causal_lm, save_causal_lm
 from rlhf_core.models.loading import ModelLoadError
 from rlhf_core.models.lora import apply_lora, merge_lora

@@ -11,10 +11,10 @@ def test_one_process_runs_the_entry_with_this_python():
 
 def test_torchrun_command():
     cfg = load_config("tiny", {"resources.launcher": "torchrun", "resources.nproc_per_node": 4, "resources.master_port": 29600})
-    cmd = command(cfg.resources, "ppo", "s3://b/ppo/k/job.json")
+    cmd = command(cfg.resources, "rl", "s3://b/rl/k/job.json")
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert "--nproc_per_node=4" in cmd and "--nnodes=1" in cmd and "--master_port=29600" in cmd
-    assert cmd[-4:] == ["-m", "rlhf_core.stages.launch", "ppo", "s3://b/ppo/k/job.json"]
+    assert cmd[-4:] == ["-m", "rlhf_core.stages.launch", "rl", "s3://b/rl/k/job.json"]
 
 
 def test_deepspeed_launcher_uses_the_hostfile_for_multi_node():

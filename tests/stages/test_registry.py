@@ -30,7 +30,7 @@ from rlhf_core.storage.store import Manifest, Store
 from tests.conftest import tiny_config
 
 SMALL = {"sft.max_steps": 3, "sft.checkpoint_every": 2, "reward.max_steps": 3, "reward.checkpoint_every": 2,
-         "ppo.max_steps": 2, "ppo.checkpoint_every": 1, "eval.num_prompts": 8, "eval.ptx_blocks": 4}
+         "rl.max_steps": 2, "rl.checkpoint_every": 1, "eval.num_prompts": 8, "eval.ptx_blocks": 4}
 
 
 # ------------------------------------------------------------------------------------------ (a) reads
@@ -253,7 +253,7 @@ def test_every_leaf_changes_exactly_the_keys_of_the_stages_that_read_it(tmp_path
     # processes need a multi-process launcher.
     alone = {"data.sources.0.name", "models.actor.name_or_path", "models.reward.name_or_path",
              "resources.nnodes", "resources.nproc_per_node"}
-    alone |= {f"{s}.deepspeed.{f}" for s in ("sft", "reward", "ppo.actor", "ppo.critic")
+    alone |= {f"{s}.deepspeed.{f}" for s in ("sft", "reward", "rl.actor", "rl.critic")
               for f in ("offload_optimizer", "offload_params")}
     assert n > 150 and set(untried) <= alone, sorted(set(untried) - alone)
 
@@ -337,7 +337,7 @@ def test_outputs_with_equal_keys_hold_equal_bytes(tmp_path):
             assert _files(base[name]) == _files(other[name]), f"{leaf}: {name} has one key and two contents"
         if leaf == "export.dtype":
             # Only the export and what reads it change; and their bytes really differ (the check can fail).
-            assert same == [registry.DATA, registry.SFT, registry.REWARD, registry.PPO]
+            assert same == [registry.DATA, registry.SFT, registry.REWARD, registry.RL]
             assert _files(base[registry.EXPORT]) != _files(other[registry.EXPORT])
         else:
             assert same == registry.ORDER

@@ -60,16 +60,16 @@ def test_negative_control_a_fresh_start_is_not_identical(tmp_path):
 
 def test_killed_ppo_resumes_to_identical_actor_critic_and_ema(tiny_trained, tmp_path):
     """SIGKILL during PPO between checkpoints; the rerun resumes and every exported model is identical."""
-    overrides = {"ppo.max_steps": 14, "ppo.checkpoint_every": 5, "mixture.ptx_coef": 0.5}
+    overrides = {"rl.max_steps": 14, "rl.checkpoint_every": 5, "mixture.ptx_coef": 0.5}
     up = {"data": tiny_trained["data"], "sft": tiny_trained["sft"], "reward": tiny_trained["reward"]}
     ref_cfg = tiny_config(copy_trained(tiny_trained, tmp_path / "uninterrupted"), **overrides)
     cfg = tiny_config(copy_trained(tiny_trained, tmp_path / "killed"), **overrides)
-    assert worker(ref_cfg, "ppo", up).returncode == 0
-    assert worker(cfg, "ppo", up, fault="ppo:12").returncode == -signal.SIGKILL
-    assert Store.from_config(cfg.storage).latest_checkpoint("ppo", output(ref_cfg, "ppo", up).key) == 10
-    resumed = worker(cfg, "ppo", up)
+    assert worker(ref_cfg, "rl", up).returncode == 0
+    assert worker(cfg, "rl", up, fault="rl:12").returncode == -signal.SIGKILL
+    assert Store.from_config(cfg.storage).latest_checkpoint("rl", output(ref_cfg, "rl", up).key) == 10
+    resumed = worker(cfg, "rl", up)
     assert resumed.returncode == 0, resumed.stdout[-2000:]
-    ref, got = output(ref_cfg, "ppo", up), output(cfg, "ppo", up)
+    ref, got = output(ref_cfg, "rl", up), output(cfg, "rl", up)
     assert got.metrics["resumed_from"] == [10]
     for folder, name in (("actor", "model.safetensors"), ("actor_ema", "model.safetensors"),
                          ("critic", "model.safetensors"), ("critic", "value_head.safetensors")):

@@ -48,29 +48,29 @@ def test_negative_control_without_a_zero3_config_every_rank_holds_everything(tmp
 # LoRA on both, all parameters trained (the single_node profile's choice): adapters are created after the
 # partitioned load and join the partitions when the engine starts.
 LORA = {"enabled": True, "r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj"], "only_optimize_lora": False}
-PPO = {"ppo.max_steps": 3, "ppo.checkpoint_every": 100, "ema.enabled": True, "ppo.actor.lora": LORA,
-       "ppo.critic.lora": LORA}
+RL = {"rl.max_steps": 3, "rl.checkpoint_every": 100, "ema.enabled": True, "rl.actor.lora": LORA,
+       "rl.critic.lora": LORA}
 ATOL = 1e-4  # measured: ZeRO-2 and ZeRO-3 differ by at most 2.5e-5 (actor), 7e-6 (EMA), 1.4e-5 (critic)
-ZERO3 = {"ppo.actor.deepspeed.zero_stage": 3, "ppo.critic.deepspeed.zero_stage": 3, "ppo.offload_reference": True}
+ZERO3 = {"rl.actor.deepspeed.zero_stage": 3, "rl.critic.deepspeed.zero_stage": 3, "rl.offload_reference": True}
 
 
 @pytest.fixture(scope="module")
-def ppo_zero2(tiny_trained, tmp_path_factory):
-    root = copy_trained(tiny_trained, tmp_path_factory.mktemp("ppo-zero2"))
-    cfg = tiny_config(root, **PPO, **{"ppo.actor.deepspeed.zero_stage": 2, "ppo.critic.deepspeed.zero_stage": 2})
+def rl_zero2(tiny_trained, tmp_path_factory):
+    root = copy_trained(tiny_trained, tmp_path_factory.mktemp("rl-zero2"))
+    cfg = tiny_config(root, **RL, **{"rl.actor.deepspeed.zero_stage": 2, "rl.critic.deepspeed.zero_stage": 2})
     up = {k: tiny_trained[k] for k in ("data", "sft", "reward")}
-    proc = worker(cfg, "ppo", up)
+    proc = worker(cfg, "rl", up)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return cfg, output(cfg, "ppo", up), up
+    return cfg, output(cfg, "rl", up), up
 
 
-def test_ppo_at_zero3_with_frozen_zero3_engines_matches_zero2(ppo_zero2, tmp_path):
-    ref_cfg, ref, up = ppo_zero2
+def test_ppo_at_zero3_with_frozen_zero3_engines_matches_zero2(rl_zero2, tmp_path):
+    ref_cfg, ref, up = rl_zero2
     root = copy_trained({"cfg": ref_cfg}, tmp_path)
-    cfg = tiny_config(root, **PPO, **ZERO3)
-    proc = worker(cfg, "ppo", up)
+    cfg = tiny_config(root, **RL, **ZERO3)
+    proc = worker(cfg, "rl", up)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = output(cfg, "ppo", up)
+    got = output(cfg, "rl", up)
     for rel in ("actor/model.safetensors", "actor_ema/model.safetensors", "critic/model.safetensors"):
         assert_same_weights(weights(ref_cfg, ref, rel), weights(cfg, got, rel), atol=ATOL)
     # ... while three PPO steps move the actor much further than that tolerance (measured 3e-3)
@@ -78,14 +78,14 @@ def test_ppo_at_zero3_with_frozen_zero3_engines_matches_zero2(ppo_zero2, tmp_pat
     assert max((final[k] - sft[k]).abs().max().item() for k in final) > 10 * ATOL
 
 
-def test_ppo_at_zero3_in_two_processes_completes(ppo_zero2, tmp_path):
+def test_ppo_at_zero3_in_two_processes_completes(rl_zero2, tmp_path):
     """Frozen ZeRO-3 engines need every rank to run the same forwards; a mismatch would hang here."""
-    ref_cfg, ref, up = ppo_zero2
-    cfg = tiny_config(copy_trained({"cfg": ref_cfg}, tmp_path), **PPO, **ZERO3,
+    ref_cfg, ref, up = rl_zero2
+    cfg = tiny_config(copy_trained({"cfg": ref_cfg}, tmp_path), **RL, **ZERO3,
                       **{"resources.nproc_per_node": 2, "resources.launcher": "torchrun"})
-    proc = worker(cfg, "ppo", up, timeout=600)
+    proc = worker(cfg, "rl", up, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = output(cfg, "ppo", up)
+    got = output(cfg, "rl", up)
     assert got.metrics["steps"] == 3
     assert weights(cfg, got, "actor/model.safetensors").keys() == weights(ref_cfg, ref, "actor/model.safetensors").keys()
 

@@ -21,20 +21,20 @@ from typing import Any
 import torch
 
 from rlhf_core.data.batches import epoch_batches
-from rlhf_core.config import PPOConfig
-from rlhf_core.config.views import PPOSettings
+from rlhf_core.config import RLConfig
+from rlhf_core.config.views import RLSettings
 from rlhf_core.data.prepare import load_split
 from rlhf_core.data.ptx import PtxSchedule, load_blocks
 from rlhf_core.engines.hybrid import HybridEngine, left_pad
 from rlhf_core.engines.training import check_finite_grad_norm
-from rlhf_core.maths.rl import (KLController, compute_policy_loss, compute_value_loss, masked_mean, masked_mean_var,
+from rlhf_core.maths.algos import (KLController, compute_policy_loss, compute_value_loss, masked_mean, masked_mean_var,
                                 masked_whiten)
 from rlhf_core.models.card import model_card
 from rlhf_core.models.causal_lm import load_causal_lm, save_causal_lm
 from rlhf_core.models.lora import apply_lora, merge_lora
 from rlhf_core.models.reward_model import load_reward_model, save_reward_model
 from rlhf_core.stages.context import StageContext
-from rlhf_core.stages.registry import ACTOR, ACTOR_EMA, CRITIC, DATA, LOGS, MODEL, PPO, REWARD, SFT
+from rlhf_core.stages.registry import ACTOR, ACTOR_EMA, CRITIC, DATA, LOGS, MODEL, RL, REWARD, SFT
 from rlhf_core.storage.store import Manifest
 from rlhf_core.trainers.experience import (Experience, Models, RewardScorer, answer_texts, build_models, gold_scores,
                                            make_experience, sequence_logprobs, sequence_values, tokenize_prompts)
@@ -47,19 +47,19 @@ from rlhf_core.trainers.state import (TrainState, all_reduce_sum, gather_state_d
 # ---------------------------------------------------------------------------------------------- updates
 
 
-def update(m: Models, exp: Experience, settings: PPOSettings, step: int, ptx: PtxSchedule | None,
+def update(m: Models, exp: Experience, settings: RLSettings, step: int, ptx: PtxSchedule | None,
            timer: Timer) -> dict[str, float]:
     """Phase 5 (and 6's EMA): ppo_epochs passes over the experience in micro-batches; each micro-batch is
     one actor step and one critic step. The i-th actor update of the run draws ptx batch i."""
-    ppo = settings.ppo
-    temperature = ppo.generation.logprob_temperature
-    n, micro, P = exp.sequences.shape[0], ppo.train_micro_batch_size, exp.prompt_len
-    updates_per_step = ppo.ppo_epochs * math.ceil(n / micro)
+    rl = settings.rl
+    temperature = rl.generation.logprob_temperature
+    n, micro, P = exp.sequences.shape[0], rl.train_micro_batch_size, exp.prompt_len
+    updates_per_step = rl.ppo_epochs * math.ceil(n / micro)
     sums: dict[str, float] = {}
     count = 0
     with timer("train"):
-        for ppo_epoch in range(ppo.ppo_epochs):
-            g = torch.Generator().manual_seed(ppo.seed * 7919 + step * 31 + ppo_epoch)
+        for ppo_epoch in range(rl.ppo_epochs):
+            g = torch.Generator().manual_seed(rl.seed * 7919 + step * 31 + ppo_epoch)
             order = torch.randperm(n, generator=g).to(exp.sequences.device)
             for start in range(0, n, micro):
                 batch = exp.select(order[start:start + micro])
@@ -67,7 +67,7 @@ def update(m: Models, exp: Experience, settings: PPOSettings, step: int, ptx: Pt
                 with timer("train/actor_forward_backward"):
                     logprobs = sequence_logprobs(m.actor, batch.sequences, batch.attention_mask, P, temperature)
                     policy_loss, pm = compute_policy_loss(logprobs, batch.old_logprobs, batch.advantages,
-                                                          batch.response_mask, ppo.clip_range)
+                                                          batch.response_mask, rl.clip_range)
                     ptx_loss = torch.zeros((), device=logprobs.device)
                     if ptx is not None:
                         ids = ptx.batch(step * updates_per_step + count).to(logprobs.device)
@@ -78,7 +78,7 @@ def update(m: Models, exp: Experience, settings: PPOSettings, step: int, ptx: Pt
                     m.actor.backward(actor_loss)
                 with timer("train/actor_step"):
                     m.actor.step()
-                    check_finite_grad_norm(m.actor, "ppo actor")
+                    check_finite_grad_norm(m.actor, "rl actor")
                 if m.ema is not None:
                     with timer("ema"):
                         m.ema.update(m.actor.module)
@@ -87,15 +87,15 @@ def update(m: Models, exp: Experience, settings: PPOSettings, step: int, ptx: Pt
                 with timer("train/critic_forward_backward"):
                     values = sequence_values(m.critic, batch.sequences, batch.attention_mask, P).float()
                     value_loss, vm = compute_value_loss(values, batch.values, batch.returns, batch.response_mask,
-                                                        ppo.clip_range_value)
+                                                        rl.clip_range_value)
                     m.critic.backward(value_loss)
                 with timer("train/critic_step"):
                     m.critic.step()
-                    check_finite_grad_norm(m.critic, "ppo critic")
+                    check_finite_grad_norm(m.critic, "rl critic")
 
-                for k, v in {"ppo/policy_loss": policy_loss, "ppo/value_loss": value_loss, "ppo/ptx_loss": ptx_loss,
-                             "ppo/clipfrac": pm["clipfrac"], "ppo/approx_kl": pm["approx_kl"],
-                             "ppo/value_clipfrac": vm["value_clipfrac"]}.items():
+                for k, v in {"rl/policy_loss": policy_loss, "rl/value_loss": value_loss, "rl/ptx_loss": ptx_loss,
+                             "rl/clipfrac": pm["clipfrac"], "rl/approx_kl": pm["approx_kl"],
+                             "rl/value_clipfrac": vm["value_clipfrac"]}.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 count += 1
     return {k: v / count for k, v in sums.items()}
@@ -104,46 +104,46 @@ def update(m: Models, exp: Experience, settings: PPOSettings, step: int, ptx: Pt
 # ------------------------------------------------------------------------------------------------- loop
 
 
-def check_lengths(settings: PPOSettings, prompt_ids: list[list[int]], max_positions: int | None) -> None:
+def check_lengths(settings: RLSettings, prompt_ids: list[list[int]], max_positions: int | None) -> None:
     """Refuse prompts that leave the actor no room for an answer (before any generation)."""
     longest = max(map(len, prompt_ids))
     if longest > settings.max_prompt_tokens:
         raise ValueError(f"a PPO prompt has {longest} actor tokens, more than data.max_prompt_tokens "
                          f"({settings.max_prompt_tokens}); the data stage drops such prompts, so re-run it")
-    answer = settings.ppo.generation.max_answer_len
+    answer = settings.rl.generation.max_answer_len
     if max_positions is not None and longest + answer > max_positions:
-        raise ValueError(f"prompts of up to {longest} tokens + ppo.generation.max_answer_len {answer} exceed the "
+        raise ValueError(f"prompts of up to {longest} tokens + rl.generation.max_answer_len {answer} exceed the "
                          f"actor's {max_positions} positions: no room for an answer; lower data.max_prompt_tokens "
-                         "or ppo.generation.max_answer_len")
+                         "or rl.generation.max_answer_len")
 
 
-def plan(ppo: PPOConfig, n_prompts: int, world: int) -> tuple[int, int]:
+def plan(rl: RLConfig, n_prompts: int, world: int) -> tuple[int, int]:
     """(PPO steps per epoch, total PPO steps)."""
-    per_epoch = len(epoch_batches(n_prompts, ppo.rollout_batch_size, world, ppo.seed, 0)) // ppo.generation_batches
+    per_epoch = len(epoch_batches(n_prompts, rl.rollout_batch_size, world, rl.seed, 0)) // rl.generation_batches
     if per_epoch == 0:
         raise ValueError(
-            f"{n_prompts} PPO prompts are fewer than one step needs (rollout_batch_size {ppo.rollout_batch_size} x "
-            f"generation_batches {ppo.generation_batches} x {world} processes); lower them or add prompts"
+            f"{n_prompts} PPO prompts are fewer than one step needs (rollout_batch_size {rl.rollout_batch_size} x "
+            f"generation_batches {rl.generation_batches} x {world} processes); lower them or add prompts"
         )
-    total = per_epoch * ppo.epochs
-    return per_epoch, min(total, ppo.max_steps) if ppo.max_steps else total
+    total = per_epoch * rl.epochs
+    return per_epoch, min(total, rl.max_steps) if rl.max_steps else total
 
 
-def train_ppo(ctx: StageContext) -> Manifest | None:
-    settings: PPOSettings = ctx.settings
-    ppo, dist = settings.ppo, ctx.dist
-    torch.manual_seed(ppo.seed)
-    prompts = list(load_split(ctx.store, ctx.upstream[DATA], f"{PPO}/train")["prompt"])
-    per_epoch, total = plan(ppo, len(prompts), dist.world_size)
-    rows_per_step = ppo.rollout_batch_size * ppo.generation_batches
-    total_updates = total * ppo.ppo_epochs * math.ceil(rows_per_step / ppo.train_micro_batch_size)
+def train_rl(ctx: StageContext) -> Manifest | None:
+    settings: RLSettings = ctx.settings
+    rl, dist = settings.rl, ctx.dist
+    torch.manual_seed(rl.seed)
+    prompts = list(load_split(ctx.store, ctx.upstream[DATA], f"{RL}/train")["prompt"])
+    per_epoch, total = plan(rl, len(prompts), dist.world_size)
+    rows_per_step = rl.rollout_batch_size * rl.generation_batches
+    total_updates = total * rl.ppo_epochs * math.ceil(rows_per_step / rl.train_micro_batch_size)
     m = build_models(ctx, total_updates)
     prompt_ids = tokenize_prompts(prompts, m.actor_tok, settings.prompt_format)
     check_lengths(settings, prompt_ids, getattr(m.actor.module.config, "max_position_embeddings", None))
     scorer = RewardScorer(m.reward, m.reward_tok, m.actor_tok, settings.prompt_format, m.reward_meta.max_seq_len,
                           dist.device)
-    hybrid = HybridEngine(m.actor, m.actor_tok, ppo.generation, settings.hybrid_engine, dist.world_size, log=ctx.log)
-    kl_ctl = KLController(ppo.kl.coef, ppo.kl.adaptive, ppo.kl.target, ppo.kl.horizon)
+    hybrid = HybridEngine(m.actor, m.actor_tok, rl.generation, settings.hybrid_engine, dist.world_size, log=ctx.log)
+    kl_ctl = KLController(rl.kl.coef, rl.kl.adaptive, rl.kl.target, rl.kl.horizon)
     ctx.log(f"{len(prompts)} prompts, {per_epoch} steps/epoch, {total} steps; {rows_per_step} rollouts/step/process, "
             f"{total_updates} optimizer updates; reward tokenizer {'shared' if scorer.same else 'differs: text round trip'}")
 
@@ -156,31 +156,31 @@ def train_ppo(ctx: StageContext) -> Manifest | None:
     if settings.ptx is not None:
         blocks = load_blocks(ctx.store, ctx.upstream[DATA], m.actor_tok, settings.ptx.block_tokens,
                              settings.ptx.max_blocks)
-        ptx = PtxSchedule(blocks, settings.mixture.ptx_batch_size, dist.rank, dist.world_size, ppo.seed + 1)
+        ptx = PtxSchedule(blocks, settings.mixture.ptx_batch_size, dist.rank, dist.world_size, rl.seed + 1)
     step, epoch, pos = state.global_step, state.epoch, state.pos
     progress = Progress(ctx.stage, total, initial=step, enabled=ctx.is_main)
     t_start = time.perf_counter()
 
     while step < total:
-        schedule = epoch_batches(len(prompts), ppo.rollout_batch_size, dist.world_size, ppo.seed, epoch)
+        schedule = epoch_batches(len(prompts), rl.rollout_batch_size, dist.world_size, rl.seed, epoch)
         if pos >= per_epoch:
             epoch, pos = epoch + 1, 0
             continue
         timer = Timer(dist.device)
         t_step = time.perf_counter()
         experiences, raw_scores, golds = [], [], []
-        for g in range(ppo.generation_batches):
-            rows = schedule[pos * ppo.generation_batches + g][dist.rank]
+        for g in range(rl.generation_batches):
+            rows = schedule[pos * rl.generation_batches + g][dist.rank]
             ids, mask = left_pad([prompt_ids[i] for i in rows], m.actor_tok.pad_token_id, dist.device)
             with timer("generate"):  # 1 generate rollouts
                 rollout = hybrid.generate(ids, mask)
             texts = [prompts[i] for i in rows]
-            exp, raw = make_experience(m, scorer, rollout, texts, ppo, kl_ctl.value, timer)  # 2-4
+            exp, raw = make_experience(m, scorer, rollout, texts, rl, kl_ctl.value, timer)  # 2-4
             experiences.append(exp)
             raw_scores.append(raw)
             golds += gold_scores(settings.gold_reward, texts, answer_texts(rollout, m.actor_tok)) or []
         exp = Experience.cat(experiences)
-        if ppo.whiten_advantages:  # 4 whiten over all ranks
+        if rl.whiten_advantages:  # 4 whiten over all ranks
             stats = masked_mean_var(exp.advantages, exp.response_mask, across_ranks=True)
             exp = Experience(**{**exp.__dict__, "advantages": masked_whiten(exp.advantages, exp.response_mask,
                                                                            stats=stats)})
@@ -206,10 +206,10 @@ def train_ppo(ctx: StageContext) -> Manifest | None:
         row = {k: v / dist.world_size for k, v in all_reduce_sum(row).items() if not math.isnan(v)}
         kl_ctl.update(row["kl/mean"], rows_per_step * dist.world_size)  # 6 metrics, KL controller
         step, pos = step + 1, pos + 1
-        if step % ppo.log_every == 0 or step == total:
+        if step % rl.log_every == 0 or step == total:
             log.log(step, row)
         progress.update(1, reward=row["reward/score"], kl=row["kl/mean"])
-        if step % ppo.checkpoint_every == 0 and step < total:
+        if step % rl.checkpoint_every == 0 and step < total:
             state.global_step, state.epoch, state.pos = step, epoch, pos
             state.extra = {"kl": kl_ctl.state_dict(), **({"ema": m.ema.state_dict()} if m.ema and ctx.is_main else {})}
             save_checkpoint(ctx, {"actor": m.actor, "critic": m.critic}, state)
@@ -219,7 +219,7 @@ def train_ppo(ctx: StageContext) -> Manifest | None:
 
 
 def _save(ctx: StageContext, m: Models, log: MetricsLog, state: TrainState, train_s: float) -> Manifest | None:
-    settings: PPOSettings = ctx.settings
+    settings: RLSettings = ctx.settings
     actor_state = gather_state_dict(m.actor)
     critic_state = gather_state_dict(m.critic)
     if not ctx.is_main:
@@ -238,7 +238,7 @@ def _save(ctx: StageContext, m: Models, log: MetricsLog, state: TrainState, trai
     base = f"SFT output (content {ctx.upstream[SFT].content_id[:12]})"
 
     def actor_skeleton():
-        return apply_lora(load_causal_lm(sft_path, what="the SFT actor"), settings.ppo.actor.lora)
+        return apply_lora(load_causal_lm(sft_path, what="the SFT actor"), settings.rl.actor.lora)
 
     def write(folder: str) -> None:
         save_causal_lm(load_into_skeleton(actor_skeleton(), actor_state), m.actor_tok, os.path.join(folder, ACTOR),
@@ -248,7 +248,7 @@ def _save(ctx: StageContext, m: Models, log: MetricsLog, state: TrainState, trai
             save_causal_lm(load_into_skeleton(skeleton, m.ema.full_state_dict(skeleton)), m.actor_tok,
                            os.path.join(folder, ACTOR_EMA),
                            card=model_card(f"PPO actor (EMA, beta {settings.ema.beta})", base, metrics=metrics))
-        critic = merge_lora(load_into_skeleton(apply_lora(load_reward_model(reward_path), settings.ppo.critic.lora),
+        critic = merge_lora(load_into_skeleton(apply_lora(load_reward_model(reward_path), settings.rl.critic.lora),
                                                critic_state))
         save_reward_model(critic, m.reward_tok, os.path.join(folder, CRITIC), m.reward_meta)
         log.export(os.path.join(folder, LOGS), f"PPO {ctx.key[:8]}")

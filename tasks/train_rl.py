@@ -3,20 +3,20 @@ from __future__ import annotations
 from prefect import task
 
 from rlhf_core.config import PipelineConfig
-from rlhf_core.stages.registry import DATA, PPO, REWARD, SFT
+from rlhf_core.stages.registry import DATA, RL, REWARD, SFT
 from rlhf_core.storage.store import Manifest
 from tasks.runner import cache_key_fn, run_stage
 
 
-@task(name="train-ppo", cache_key_fn=cache_key_fn(PPO), persist_result=True, retries=2, retry_delay_seconds=5)
-def train_ppo(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest) -> Manifest:
+@task(name="train-rl", cache_key_fn=cache_key_fn(RL), persist_result=True, retries=2, retry_delay_seconds=5)
+def train_rl(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest) -> Manifest:
     """Step 3: PPO of the SFT actor against the reward model (critic from the reward model, frozen
     reference, KL penalty, EMA, pretraining mixture), generation through the hybrid engine.
 
-    Invalidated by (its settings view): the data, SFT and reward outputs' contents, the ppo, ema, mixture and
+    Invalidated by (its settings view): the data, SFT and reward outputs' contents, the rl, ema, mixture and
     hybrid_engine sections, the corpus blocks when mixture.ptx_coef > 0, the prompt format and length limit,
     eval.gold_reward (logged while training) and the number of processes. A retry resumes from the latest
     checkpoint (actor, critic, optimizers, EMA, KL controller, RNG, data positions). Runs once across
     concurrent runs (stage lease); holds resources.gpu_slots slots of rlhf-gpu while training.
     """
-    return run_stage(cfg, PPO, {DATA: data, SFT: sft, REWARD: reward}, gpu_slots=cfg.resources.gpu_slots)
+    return run_stage(cfg, RL, {DATA: data, SFT: sft, REWARD: reward}, gpu_slots=cfg.resources.gpu_slots)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.maths.rl import (KLController, compute_approx_kl, compute_gae, compute_policy_loss, compute_rewards,
+from rlhf_core.maths.algos import (KLController, compute_approx_kl, compute_gae, compute_policy_loss, compute_rewards,
                                 compute_value_loss, last_index, logprobs_from_logits, masked_mean, masked_whiten)
 
 
