@@ -394,6 +394,10 @@ class HybridEngineConfig(Section):
         "auto", description="Generation weight dtype; 'auto' is bf16 on CUDA and fp32 on CPU."
     )
     cuda_graphs: bool = Field(True, description="Capture the decode step in a CUDA graph (CUDA only).")
+    kv_bucket: int = Field(
+        128, ge=8, le=4096, description="Decode steps attend over the KV cache in buckets of this many positions (one "
+        "CUDA graph per bucket): smaller buckets read less unused cache per step, larger ones capture fewer graphs."
+    )
     max_batch: int = Field(
         512, ge=1, description="Most rows the fast path decodes at once: a larger rollout batch is generated in "
         "chunks of this many rows (the KV cache is sized to one chunk)."

@@ -11,6 +11,7 @@ each layer for every token: correct, slow).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -27,6 +28,8 @@ class Rollout:
     attention_mask: torch.Tensor  # [B, P + A]
     response_mask: torch.Tensor  # [B, A] 1 up to and including the first EOS
     prompt_len: int  # P
+    logprobs: torch.Tensor | None = None  # [B, A] float32 log-prob of each answer token as it was sampled
+    # (fast path only; at the sampling temperature, 0 after the end), for rl.old_logprobs: rollout
 
     @property
     def responses(self) -> torch.Tensor:  # [B, A]
@@ -107,7 +110,7 @@ class HybridEngine:
         g = self.gen
         return FastDecoder(arch, device, dtype, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
                            do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                           cuda_graphs=self.he.cuda_graphs)
+                           cuda_graphs=self.he.cuda_graphs, bucket=self.he.kv_bucket)
 
     @property
     def path(self) -> str:
@@ -147,12 +150,14 @@ class HybridEngine:
             model = unwrap(self.engine)
             self.fast.load(model)  # once per rollout: gathered, LoRA merged, cast
             try:  # chunks share P and A, so their answers concatenate
-                answers = torch.cat([self.fast.generate(ids, mask, A)
-                                     for ids, mask in zip(prompt_ids.split(rows), prompt_mask.split(rows))])
+                parts = [self.fast.generate(ids, mask, A, with_logprobs=True)
+                         for ids, mask in zip(prompt_ids.split(rows), prompt_mask.split(rows))]
             finally:
                 if self.he.release_memory:
                     self.fast.release()
-            return self._rollout(torch.cat([prompt_ids, answers.to(prompt_ids.device)], 1), prompt_mask, A)
+            answers, logprobs = (torch.cat(t).to(prompt_ids.device) for t in zip(*parts))
+            rollout = self._rollout(torch.cat([prompt_ids, answers], 1), prompt_mask, A)
+            return dataclasses.replace(rollout, logprobs=logprobs * rollout.response_mask)
         self.last_path = "transformers"
         return self._hf_generate(prompt_ids, prompt_mask, A, sample)
 

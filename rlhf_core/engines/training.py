@@ -49,6 +49,11 @@ def init_distributed(device: str, master_addr: str = "127.0.0.1", master_port: i
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port or free_port()))
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
+    if os.environ.get("RLHF_DETERMINISTIC") == "1":
+        # Deterministic CUDA kernels (cuBLAS workspace, no atomics in backward) so that a resumed run can be
+        # compared byte for byte with an uninterrupted one; kernels without a deterministic version warn.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     import deepspeed
 
     if device == "cpu":

@@ -9,6 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 
+# Manifest metrics about the run rather than the model (wall clock, memory): never in a card.
+RUN_FACTS = ("seconds", "_gib")
+
+
 def model_card(title: str, base: str, about: str = "", metrics: dict[str, Any] | None = None) -> str:
     """A card: title, base model, a paragraph, and a metric table (numbers only; no timings, no resume
     history, which stay in the manifest)."""
@@ -16,7 +20,7 @@ def model_card(title: str, base: str, about: str = "", metrics: dict[str, Any] |
     if about:
         lines += [about.strip(), ""]
     rows = {k: v for k, v in (metrics or {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("seconds")}
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(RUN_FACTS)}
     if rows:
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows.items()]

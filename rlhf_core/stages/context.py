@@ -69,6 +69,8 @@ class StageContext:
     def commit(self, out: OutputWriter, metrics: dict[str, Any]) -> Manifest:
         """Write the manifest last: the settings view as the config, the inputs, the metrics, the lineage."""
         settings: Section = self.settings
+        if self.dist.device.type == "cuda":  # a run-time fact, so the manifest's, never an output file's
+            metrics = {**metrics, "peak_device_gib": round(torch.cuda.max_memory_allocated(self.dist.device) / 2**30, 2)}
         return out.commit(stage_version=self.version, config=settings.model_dump(mode="json"), upstream=self.upstream,
                           metrics=metrics, producer=self.producer)
 

@@ -160,6 +160,7 @@ def train_rl(ctx: StageContext) -> Manifest | None:
     step, epoch, pos = state.global_step, state.epoch, state.pos
     progress = Progress(ctx.stage, total, initial=step, enabled=ctx.is_main)
     t_start = time.perf_counter()
+    paths: dict[str, int] = {}  # rollouts per generation path (fast decoder, transformers): for the manifest
 
     while step < total:
         schedule = epoch_batches(len(prompts), rl.rollout_batch_size, dist.world_size, rl.seed, epoch)
@@ -174,6 +175,7 @@ def train_rl(ctx: StageContext) -> Manifest | None:
             ids, mask = left_pad([prompt_ids[i] for i in rows], m.actor_tok.pad_token_id, dist.device)
             with timer("generate"):  # 1 generate rollouts
                 rollout = hybrid.generate(ids, mask)
+            paths[hybrid.path] = paths.get(hybrid.path, 0) + 1
             texts = [prompts[i] for i in rows]
             exp, raw = make_experience(m, scorer, rollout, texts, rl, kl_ctl.value, timer)  # 2-4
             experiences.append(exp)
@@ -215,10 +217,11 @@ def train_rl(ctx: StageContext) -> Manifest | None:
             save_checkpoint(ctx, {"actor": m.actor, "critic": m.critic}, state)
         maybe_inject_fault(ctx.stage, step)
     progress.close()
-    return _save(ctx, m, log, state, time.perf_counter() - t_start)
+    return _save(ctx, m, log, state, time.perf_counter() - t_start, paths)
 
 
-def _save(ctx: StageContext, m: Models, log: MetricsLog, state: TrainState, train_s: float) -> Manifest | None:
+def _save(ctx: StageContext, m: Models, log: MetricsLog, state: TrainState, train_s: float,
+          paths: dict[str, int]) -> Manifest | None:
     settings: RLSettings = ctx.settings
     actor_state = gather_state_dict(m.actor)
     critic_state = gather_state_dict(m.critic)
@@ -231,6 +234,7 @@ def _save(ctx: StageContext, m: Models, log: MetricsLog, state: TrainState, trai
         "reward_last": sum(r["reward/score"] for r in tail) / len(tail),
         "kl_last": sum(r["kl/mean"] for r in tail) / len(tail),
         "train_seconds": round(train_s, 2), "resumed_from": state.resumed_from, "timing_summary": timing_summary(log.history),
+        "generation_path": "+".join(sorted(paths)) or None, "generation_rollouts": paths,
     }
     if "gold/reward" in log.history[0]:
         metrics.update(gold_first=log.history[0]["gold/reward"], gold_last=sum(r["gold/reward"] for r in tail) / len(tail))

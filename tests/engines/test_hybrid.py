@@ -123,7 +123,10 @@ def _sampler(**kw) -> FastDecoder:
 def test_sampling_draws_from_the_configured_distribution(kw, allowed):
     logits = torch.tensor([[2.0, 1.3, 0.6, 0.0]]).repeat(40000, 1)
     torch.manual_seed(0)
-    draws = _sampler(**kw)._sample(logits)
+    draws, logprobs = _sampler(**kw)._sample(logits)
+    # The log-prob of each draw is under softmax(logits / temperature), whatever top-k / top-p truncated.
+    full = (logits[0] / kw.get("temperature", 1.0)).log_softmax(0)
+    torch.testing.assert_close(logprobs, full[draws])
     target = torch.full((4,), float("-inf"))
     target[allowed] = logits[0, allowed] / kw.get("temperature", 1.0)
     expected = target.softmax(0)
@@ -133,7 +136,9 @@ def test_sampling_draws_from_the_configured_distribution(kw, allowed):
 
 def test_greedy_sampler_is_argmax():
     fd = FastDecoder(arch_of(_model("opt").config), torch.device("cpu"), torch.float32, 0, 2, do_sample=False)
-    assert fd._sample(torch.tensor([[0.1, 3.0, 0.2]])).tolist() == [1]
+    token, logprob = fd._sample(torch.tensor([[0.1, 3.0, 0.2]]))
+    assert token.tolist() == [1]
+    torch.testing.assert_close(logprob, torch.tensor([0.1, 3.0, 0.2]).log_softmax(0)[1:2])
 
 
 def test_release_frees_and_the_next_rollout_reloads():
@@ -197,7 +202,7 @@ def test_a_batch_above_max_batch_is_generated_in_chunks_on_the_fast_path(monkeyp
     chunked = HybridEngine(model, Tok(), gen, HybridEngineConfig(max_batch=3))
     rows = []
     decode = chunked.fast.generate
-    monkeypatch.setattr(chunked.fast, "generate", lambda i, m, a: rows.append(i.shape[0]) or decode(i, m, a))
+    monkeypatch.setattr(chunked.fast, "generate", lambda i, m, a, **kw: rows.append(i.shape[0]) or decode(i, m, a, **kw))
     a, b = whole.generate(ids, mask), chunked.generate(ids, mask)
     assert whole.last_path == chunked.last_path == "fast" and rows == [3, 1]
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.response_mask, b.response_mask)
@@ -275,3 +280,22 @@ def test_trained_tiny_actor_fast_equals_transformers(tiny_trained):
     slow = HybridEngine(model, tok, gen, HybridEngineConfig(enabled=False)).generate(ids, mask)
     assert torch.equal(fast.sequences, slow.sequences)
     assert fast.response_mask.sum(1).float().mean() < 24  # answers ended at EOS, not at the limit
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_rollout_logprobs_equal_a_forward_of_the_model(shape):
+    """The fast path's sampled-token log-probs are the model's own (rl.old_logprobs: rollout), at the sampling
+    temperature, 0 after each answer's end; a wrong temperature would not match (negative control)."""
+    from rlhf_core.trainers.experience import sequence_logprobs
+
+    model = _model(shape)
+    ids, mask = _prompts()
+    gen = GenerationConfig(max_answer_len=12, do_sample=True, temperature=0.7)
+    engine = HybridEngine(model, Tok(), gen, HybridEngineConfig(enabled=True))
+    torch.manual_seed(3)
+    rollout = engine.generate(ids, mask)
+    assert engine.last_path == "fast" and rollout.logprobs is not None
+    want = sequence_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len, 0.7)
+    torch.testing.assert_close(rollout.logprobs, want * rollout.response_mask, atol=2e-4, rtol=0)
+    wrong = sequence_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len, 1.0)
+    assert (rollout.logprobs - wrong * rollout.response_mask).abs().max() > 1e-2

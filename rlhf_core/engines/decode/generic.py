@@ -5,7 +5,9 @@ of ``arch.family`` (``base.Family``); everything a rollout allocates is in one `
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ class DecodeBuffers:
     bias: torch.Tensor | None = None  # [B, T] attention bias: 0 on filled slots of real tokens, -inf elsewhere
     finished: torch.Tensor | None = None  # [B] the row has emitted EOS
     out: torch.Tensor | None = None  # [B, T - P] the answers
+    logprobs: torch.Tensor | None = None  # [B, T - P] float32 log-prob of each answer token where it was drawn
     graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # KV bucket end -> captured step
 
     def release(self) -> None:
@@ -109,7 +112,8 @@ class FastDecoder:
             slot=torch.zeros(1, dtype=torch.long, device=dev), t=torch.zeros(1, dtype=torch.long, device=dev),
             bias=torch.full((B, T), NEG_INF, device=dev, dtype=self.dtype),
             finished=torch.zeros(B, dtype=torch.bool, device=dev),
-            out=torch.full((B, T - P), self.pad_id, dtype=torch.long, device=dev))
+            out=torch.full((B, T - P), self.pad_id, dtype=torch.long, device=dev),
+            logprobs=torch.zeros(B, T - P, dtype=torch.float32, device=dev))
         return self.buffers
 
     def _buckets(self, P: int, T: int) -> list[int]:
@@ -159,12 +163,16 @@ class FastDecoder:
         w = self.buffers.weights
         return F.linear(self.family.final(w, x), w["lm_head"]).float()
 
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Next token per row from logits [B, V] (float32): greedy, or temperature / top-k / top-p sampling
-        by the Gumbel-max trick (argmax of logits + Gumbel noise is a sample of softmax(logits))."""
+        by the Gumbel-max trick (argmax of logits + Gumbel noise is a sample of softmax(logits)). Also its
+        log-prob under softmax(logits / temperature) (temperature 1 when greedy), the distribution step 3's
+        old log-probs describe; top-k / top-p truncate the sampling, not that distribution."""
         if not self.do_sample:
-            return logits.argmax(-1)
+            token = logits.argmax(-1)
+            return token, _token_logprob(logits, token)
         logits = logits / self.temperature
+        full = logits
         if self.top_k:
             kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, NEG_INF)
@@ -174,7 +182,8 @@ class FastDecoder:
             drop = (probs.cumsum(-1) - probs) > self.top_p  # keep the smallest prefix holding top_p mass
             logits = torch.full_like(logits, NEG_INF).scatter(-1, idx, ordered.masked_fill(drop, NEG_INF))
         u = torch.rand_like(logits).clamp_(min=1e-20)
-        return (logits - torch.log(-torch.log(u))).argmax(-1)
+        token = (logits - torch.log(-torch.log(u))).argmax(-1)
+        return token, _token_logprob(full, token)
 
     # --------------------------------------------------------------------------- phases
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -196,11 +205,13 @@ class FastDecoder:
             return o.transpose(1, 2).reshape(B, P, -1)
 
         x = self._layers(self.family.embed(b.weights, ids, pos), pos.clamp(min=0), attend)
-        first = self._sample(self._logits(x[:, -1]))
+        first, first_logprob = self._sample(self._logits(x[:, -1]))
         b.bias.fill_(NEG_INF)
         b.bias[:, :P].masked_fill_(mask, 0.0)
         b.out.fill_(self.pad_id)
         b.out[:, 0] = first
+        b.logprobs.zero_()
+        b.logprobs[:, 0] = first_logprob
         b.finished.copy_(first == self.eos_id)
         b.tok.copy_(first)
         b.pos.copy_(mask.long().sum(-1))
@@ -231,35 +242,61 @@ class FastDecoder:
         pos = b.pos[:, None]
         x = self._layers(self.family.embed(b.weights, b.tok[:, None], pos), pos,
                          lambda i, q, k, v: self._decode_attend(i, q, k, v, T_b))
-        nxt = self._sample(self._logits(x[:, 0]))
+        nxt, logprob = self._sample(self._logits(x[:, 0]))
         nxt = torch.where(b.finished, torch.full_like(nxt, self.pad_id), nxt)
+        logprob = logprob.masked_fill(b.finished, 0.0)
         b.finished |= nxt == self.eos_id
         b.out.index_copy_(1, b.t, nxt[:, None])
+        b.logprobs.index_copy_(1, b.t, logprob[:, None])
         b.tok.copy_(nxt)
         b.pos.add_(1)
         b.slot.add_(1)
         b.t.add_(1)
 
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Answers [B, max_new_tokens] for left-padded prompts; pad after each answer's first EOS."""
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                 with_logprobs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Answers [B, max_new_tokens] for left-padded prompts; pad after each answer's first EOS. With
+        ``with_logprobs``, also each answer token's log-prob [B, max_new_tokens] (0 after the end)."""
         B, P = ids.shape
         T = P + max_new_tokens
         if T > self.arch.max_positions:
             raise ValueError(f"prompt {P} + answer {max_new_tokens} tokens exceed the model's {self.arch.max_positions} positions")
         if self.buffers is None:
             raise RuntimeError("no weights: call load(model) before generate (and after release)")
-        b = self._sized(B, P, T)
-        if self.use_graphs and not b.graphs:
-            self._capture(P, T)
-        self._prefill(ids.to(self.device), mask.to(self.device))
-        for step in range(1, max_new_tokens):
-            slot = P + step - 1  # where this step writes the previous token
-            if step % self.check_every == 0 and bool(b.finished.all()):  # host-device sync, now and then
-                break
-            if self.use_graphs:
-                T_b = next(x for x in b.graphs if x > slot)
-                b.graphs[T_b].replay()
-            else:
-                self._step(T)
-        return b.out.clone()
+        with _capturable_kernels():
+            b = self._sized(B, P, T)
+            if self.use_graphs and not b.graphs:
+                self._capture(P, T)
+            self._prefill(ids.to(self.device), mask.to(self.device))
+            for step in range(1, max_new_tokens):
+                slot = P + step - 1  # where this step writes the previous token
+                if step % self.check_every == 0 and bool(b.finished.all()):  # host-device sync, now and then
+                    break
+                if self.use_graphs:
+                    T_b = next(x for x in b.graphs if x > slot)
+                    b.graphs[T_b].replay()
+                else:
+                    self._step(T)
+        return (b.out.clone(), b.logprobs.clone()) if with_logprobs else b.out.clone()
+
+
+@contextmanager
+def _capturable_kernels() -> Iterator[None]:
+    """Decoding with torch's global deterministic mode (RLHF_DETERMINISTIC) off: a forward pass has no
+    atomics, so its kernels are deterministic as they are, while the mode's replacements (and its filling of
+    new memory) are not all capturable in a CUDA graph."""
+    on, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if not on:
+        yield
+        return
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=warn)
+
+
+def _token_logprob(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per row ([B, V], [B] -> [B]), without materialising the log-softmax."""
+    return logits.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
