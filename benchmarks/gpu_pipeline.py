@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_pipeline.py [--profile gpu_smoke] [--kill-at 7] [--out DIR] [--set KEY=VALUE ...]
 
-1. a fresh store, uninterrupted (the reference);
+1. a fresh store, uninterrupted (the reference), and at the same time
 2. a fresh store where the step-3 worker SIGKILLs itself right after step ``--kill-at``
    (``RLHF_FAULT_KILL_AT_STEP``): the task's retry must resume from the last checkpoint and end with files
    identical to the reference's, stage by stage;
@@ -16,6 +16,7 @@ Runs with RLHF_DETERMINISTIC=1 (deterministic CUDA kernels) so that equal keys c
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import hashlib
 import json
@@ -32,6 +33,9 @@ STAGES = ["data", "sft", "reward", "rl", "export", "evaluate"]
 
 
 def rlhf_run(profile: str, store: Path, env: dict[str, str], log: Path, sets: list[str]) -> tuple[float, str]:
+    # Each store its own Prefect database: two temporary servers on one PREFECT_HOME share the rlhf-gpu
+    # concurrency limit, and the two runs would queue for each other's GPU slot.
+    env = {**env, "PREFECT_HOME": str(store.parent / f"prefect-{store.name}")}
     t0 = time.perf_counter()
     extra = [a for s in sets for a in ("--set", s)]
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", profile, "--set",
@@ -70,10 +74,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gpu-pipeline-"))
     env = {**os.environ, "RLHF_DETERMINISTIC": "1", "RLHF_CACHE_DIR": str(work / "cache")}
 
-    ref_s, _ = rlhf_run(args.profile, work / "ref", env, out / "run_reference.log", args.set)
     marker = work / "killed-once"
     kill_env = {**env, "RLHF_FAULT_KILL_AT_STEP": f"rl:{args.kill_at}:{marker}"}
-    kill_s, _ = rlhf_run(args.profile, work / "killed", kill_env, out / "run_killed.log", args.set)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the two stores at once: the GPU holds both
+        ref_run = pool.submit(rlhf_run, args.profile, work / "ref", env, out / "run_reference.log", args.set)
+        kill_run = pool.submit(rlhf_run, args.profile, work / "killed", kill_env, out / "run_killed.log", args.set)
+        (ref_s, _), (kill_s, _) = ref_run.result(), kill_run.result()
     before = snapshot(work / "killed")
     cached_s, cached_log = rlhf_run(args.profile, work / "killed", env, out / "run_cached.log", args.set)
     after = snapshot(work / "killed")

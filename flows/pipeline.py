@@ -13,7 +13,7 @@ from rlhf_core.stages.registry import DATA, EVALUATE, EXPORT, RL, REPORT, REWARD
 from rlhf_core.config import PipelineConfig
 from rlhf_core.stages.existing import existing_reward
 from rlhf_core.storage.store import Manifest
-from tasks.runner import store_for
+from tasks.runner import ensure_gpu_limit, store_for
 from tasks.prepare_data import prepare_data
 from tasks.evaluate_actors import evaluate
 from tasks.export_actors import export_actors
@@ -32,6 +32,8 @@ def run_pipeline(params: RunParams, until: str) -> dict[str, Any]:
     """The stages ``until`` needs, in pipeline order (the body of the pipeline and of each stage flow)."""
     cfg = params.config()
     existing_reward(cfg)  # a reward model that is not there is refused before any work starts
+    if cfg.resources.gpu_slots:
+        ensure_gpu_limit(None, at_least=cfg.resources.gpu_slots)  # once, before stages race to create it
     need = needed_for(until)
     runs: dict[str, Any] = {}
     runs[DATA] = data = prepare_data.submit(cfg)

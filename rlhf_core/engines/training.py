@@ -54,6 +54,9 @@ def init_distributed(device: str, master_addr: str = "127.0.0.1", master_port: i
         # compared byte for byte with an uninterrupted one; kernels without a deterministic version warn.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Flash, memory-efficient and cuDNN attention accumulate their backward with atomics: math only.
+        for backend in ("flash", "mem_efficient", "cudnn"):
+            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
     import deepspeed
 
     if device == "cpu":

@@ -31,6 +31,7 @@ from rlhf_core.maths.algos import (KLController, compute_policy_loss, compute_va
                                 masked_whiten)
 from rlhf_core.models.card import model_card
 from rlhf_core.models.causal_lm import load_causal_lm, save_causal_lm
+from rlhf_core.models.loading import torch_dtype
 from rlhf_core.models.lora import apply_lora, merge_lora
 from rlhf_core.models.reward_model import load_reward_model, save_reward_model
 from rlhf_core.stages.context import StageContext
@@ -244,17 +245,21 @@ def _save(ctx: StageContext, m: Models, log: MetricsLog, state: TrainState, trai
     def actor_skeleton():
         return apply_lora(load_causal_lm(sft_path, what="the SFT actor"), settings.rl.actor.lora)
 
+    # Saved in the precision each trained in (the EMA, averaged in fp32, in the actor's).
+    actor_dtype = torch_dtype(settings.rl.actor.deepspeed.precision)
+    critic_dtype = torch_dtype(settings.rl.critic.deepspeed.precision)
+
     def write(folder: str) -> None:
         save_causal_lm(load_into_skeleton(actor_skeleton(), actor_state), m.actor_tok, os.path.join(folder, ACTOR),
-                       card=model_card("PPO actor (final)", base, metrics=metrics))
+                       dtype=actor_dtype, card=model_card("PPO actor (final)", base, metrics=metrics))
         if m.ema is not None:
             skeleton = actor_skeleton()
             save_causal_lm(load_into_skeleton(skeleton, m.ema.full_state_dict(skeleton)), m.actor_tok,
-                           os.path.join(folder, ACTOR_EMA),
+                           os.path.join(folder, ACTOR_EMA), dtype=actor_dtype,
                            card=model_card(f"PPO actor (EMA, beta {settings.ema.beta})", base, metrics=metrics))
         critic = merge_lora(load_into_skeleton(apply_lora(load_reward_model(reward_path), settings.rl.critic.lora),
                                                critic_state))
-        save_reward_model(critic, m.reward_tok, os.path.join(folder, CRITIC), m.reward_meta)
+        save_reward_model(critic.to(critic_dtype), m.reward_tok, os.path.join(folder, CRITIC), m.reward_meta)
         log.export(os.path.join(folder, LOGS), f"PPO {ctx.key[:8]}")
 
     manifest = ctx.write_output(write, metrics)
