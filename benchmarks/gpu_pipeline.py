@@ -38,12 +38,14 @@ def rlhf_run(profile: str, store: Path, env: dict[str, str], log: Path, sets: li
     env = {**env, "PREFECT_HOME": str(store.parent / f"prefect-{store.name}")}
     t0 = time.perf_counter()
     extra = [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", profile, "--set",
-                           f"storage.root={store}", *extra], cwd=ROOT, capture_output=True, text=True, env=env)
-    log.write_text(proc.stdout + proc.stderr)
+    with open(log, "w") as f:  # streamed: a run cut short by a time limit still leaves its log
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", profile, "--set",
+                               f"storage.root={store}", *extra], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env=env)
+    text = log.read_text()
     if proc.returncode:
-        sys.exit(f"rlhf run failed ({log}):\n" + proc.stdout[-3000:] + proc.stderr[-3000:])
-    return time.perf_counter() - t0, proc.stdout + proc.stderr
+        sys.exit(f"rlhf run failed ({log}):\n" + text[-6000:])
+    return time.perf_counter() - t0, text
 
 
 def manifests(store: Path) -> dict[str, dict]:
