@@ -1,14 +1,20 @@
-"""Does step 3 fit one GPU for a large actor? LoRA + ZeRO-3 + offload, as DeepSpeed-Chat runs OPT-13B on
-one 80 GB A100.
+"""Does step 3 fit one GPU for a large actor? Two layouts of a LoRA actor:
 
-    python benchmarks/step3_memory.py --actor 13b --batch 8
+    python benchmarks/step3_memory.py --actor 30b --batch 8 --layout auto      # placement by memory
+    python benchmarks/step3_memory.py --actor 13b --batch 8 --layout offload   # DeepSpeed-Chat's OPT-13B recipe
     python benchmarks/step3_memory.py --actor tiny --batch 2 --device cpu --out /tmp   # smoke check, no GPU
 
-Random-init OPT-shaped actor (1.3b / 6.7b / 13b / 30b) with LoRA r=128 on every linear layer (only LoRA
-trained), ZeRO-3 with parameters and optimizer state offloaded to host memory, gradient checkpointing; the
-frozen reference as a ZeRO-3 engine with its partitions in host memory (as PPO sets it up); OPT-350M critic and reward model; prompt 256 +
-answer 256; the hybrid engine's fast path (weights gathered once per rollout, released before training).
-Runs one warm-up and one measured PPO step and prints peak GPU memory and time per phase.
+Random-init OPT-shaped actor (1.3b / 6.7b / 13b / 30b / 66b) with LoRA r=128 on every linear layer (only
+LoRA trained), gradient checkpointing; OPT-350M critic and reward model; prompt 256 + answer 256; the
+hybrid engine (its fast path when the weights and cache fit beside training, else transformers generate).
+
+- ``offload``: ZeRO-3 with parameters and optimizer state in host memory, the frozen reference a ZeRO-3
+  engine with its partitions in host memory (as DeepSpeed-Chat runs OPT-13B on one 80 GB A100);
+- ``auto``: what ``rl.placement: auto`` does: nothing offloaded that fits the device; the actor's frozen
+  base on the GPU (ZeRO-0), the reference is the actor with its adapters off (no second copy), the reward
+  model where the measured free memory allows.
+
+Runs one warm-up and one measured step 3 and prints peak GPU and host memory and time per phase.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -31,6 +38,7 @@ ACTORS = {
     "6.7b": dict(hidden_size=4096, num_hidden_layers=32, ffn_dim=16384, num_attention_heads=32),
     "13b": dict(hidden_size=5120, num_hidden_layers=40, ffn_dim=20480, num_attention_heads=40),
     "30b": dict(hidden_size=7168, num_hidden_layers=48, ffn_dim=28672, num_attention_heads=56),
+    "66b": dict(hidden_size=9216, num_hidden_layers=64, ffn_dim=36864, num_attention_heads=72),
 }
 TINY_CRITIC = dict(OPT_350M, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
                    word_embed_proj_dim=64)
@@ -50,6 +58,7 @@ def main() -> None:
     ap.add_argument("--actor", choices=sorted(ACTORS), default="13b")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke check (use --actor tiny)")
+    ap.add_argument("--layout", choices=["auto", "offload"], default="auto")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
@@ -62,7 +71,8 @@ def main() -> None:
     from rlhf_core.models.reward_model import build_reward_model
     from rlhf_core.config.views import RLSettings
     from rlhf_core.models.reward_model import RewardMeta
-    from rlhf_core.trainers.experience import Models, frozen_model, make_experience
+    from rlhf_core.trainers.experience import (AdaptersOff, Models, frozen_model, generation_reserve, make_experience,
+                                               param_bytes, placement)
     from rlhf_core.trainers.metrics import Timer
     from rlhf_core.trainers.rl import update
 
@@ -73,14 +83,17 @@ def main() -> None:
     arch["word_embed_proj_dim"] = arch["hidden_size"]
     linear = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
     precision = "bf16" if args.device == "cuda" else "fp32"
+    offload = args.layout == "offload"
+    actor_ds = ({"zero_stage": 3, "offload_params": True, "offload_optimizer": True, "precision": precision} if offload
+                else {"zero_stage": 0, "precision": precision})
     cfg = load_config("single_gpu", {
         "resources.device": args.device,
         "rl.rollout_batch_size": args.batch, "rl.train_micro_batch_size": args.batch,
-        "rl.generation.max_answer_len": answer,
-        "rl.actor.deepspeed": {"zero_stage": 3, "offload_params": True, "offload_optimizer": True, "precision": precision},
+        "rl.generation.max_answer_len": answer, "rl.placement": "manual" if offload else "auto",
+        "rl.actor.deepspeed": actor_ds,
         "rl.actor.lora": {"enabled": True, "r": 128, "alpha": 128, "target_modules": linear, "only_optimize_lora": True},
-        "rl.actor.gradient_checkpointing": True, "rl.offload_reference": True,
-        "rl.critic.deepspeed": {"zero_stage": 2, "precision": precision},
+        "rl.actor.gradient_checkpointing": True, "rl.offload_reference": offload,
+        "rl.critic.deepspeed": {"zero_stage": 0 if not offload else 2, "precision": precision},
         "ema.enabled": False, "mixture.ptx_coef": 0.0, "hybrid_engine.enabled": True, "hybrid_engine.release_memory": True})
     rl = cfg.rl
     dist = init_distributed(args.device)
@@ -100,18 +113,27 @@ def main() -> None:
         with torch.device(dist.device):
             return build_causal_lm(ModelSpec(architecture=arch, tokenizer="stub"), SizeTok(), dtype=dtype)
 
-    # As PPO sets it up: beside a ZeRO-3 actor the reference is a ZeRO-3 engine with offloaded partitions.
-    ref, ref_offloaded = frozen_model(load_ref, rl.actor.deepspeed, rl.offload_reference, args.batch, dist)
     with torch.device(dist.device):
         critic = build_reward_model(ModelSpec(architecture=critic_arch, tokenizer="stub"), SizeTok(), dropout=0.0)
-        reward = build_reward_model(ModelSpec(architecture=critic_arch, tokenizer="stub"), SizeTok(),
-                                    dtype=dtype).eval().requires_grad_(False)
     critic_e = initialize(critic, build_ds_config(rl.critic.deepspeed, rl.critic.optimizer, args.batch, 1, 1),
                           rl.critic.optimizer, 10)
+    if offload:  # as DeepSpeed-Chat sets it up: beside a ZeRO-3 actor the reference is a ZeRO-3 engine, offloaded
+        ref, ref_offloaded = frozen_model(load_ref, rl.actor.deepspeed, rl.offload_reference, args.batch, dist)
+        reward_on_host = False
+    else:  # as build_models does under rl.placement: auto with a LoRA actor
+        ref, ref_offloaded = AdaptersOff(actor_e), False
+        reward_on_host = placement(rl, dist.device, {"reference": 0, "reward": param_bytes(critic_e.module, rl.critic)},
+                                   reserve=generation_reserve(actor_e.module, rl))["reward"]
+    with torch.device(dist.device):
+        reward = build_reward_model(ModelSpec(architecture=critic_arch, tokenizer="stub"), SizeTok(),
+                                    dtype=dtype).eval().requires_grad_(False)
+    if reward_on_host:
+        reward.to("cpu")
     setup_s = time.perf_counter() - t0
     tok = StubTokenizer()
-    m = Models(actor_e, critic_e, ref, reward, None, tok, tok, RewardMeta(score_mean=0.0, score_std=1.0, max_seq_len=PROMPT + ANSWER + 1, prompt_format="human_assistant", eval_accuracy=0.5),
-               ref_offloaded, False)
+    meta = RewardMeta(score_mean=0.0, score_std=1.0, max_seq_len=PROMPT + ANSWER + 1, prompt_format="human_assistant",
+                      eval_accuracy=0.5)
+    m = Models(actor_e, critic_e, ref, reward, None, tok, tok, meta, ref_offloaded, reward_on_host)
     hybrid = HybridEngine(actor_e, tok, rl.generation, cfg.hybrid_engine)
     scorer = RewardScorer(reward, tok, tok, "human_assistant", prompt + answer + 1, dist.device)
     ids = torch.randint(3, 50272, (args.batch, prompt), device=dist.device)
@@ -130,18 +152,20 @@ def main() -> None:
         update(m, exp, RLSettings.from_config(cfg), step, None, timer)
         if dist.device.type == "cuda":
             torch.cuda.synchronize()
-        result = {"actor": args.actor, "actor_params_b": n_params / 1e9, "batch": args.batch,
+        result = {"actor": args.actor, "layout": args.layout, "actor_params_b": n_params / 1e9, "batch": args.batch,
                   "generation_path": hybrid.path, "setup_s": setup_s, "step_s": time.perf_counter() - t,
                   "peak_gib": _peak_gib(dist.device), "generate_peak_gib": gen_peak,
+                  "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   **{k: round(v, 2) for k, v in timer.times.items()}}
         print(json.dumps(result), flush=True)
     device = torch.cuda.get_device_name() if dist.device.type == "cuda" else "cpu"
-    with open(os.path.join(args.out, f"step3_memory_{args.actor}.json"), "w") as f:
+    with open(os.path.join(args.out, f"step3_memory_{args.actor}_{args.layout}.json"), "w") as f:
         json.dump({"device": device, **result}, f, indent=2)
     memory = (f"peak {result['peak_gib']:.1f} GiB (generation {result['generate_peak_gib']:.1f})"
               if dist.device.type == "cuda" else "no GPU memory to measure")
-    print(f"\n{args.actor} actor ({result['actor_params_b']:.2f}B params), batch {args.batch} on {device}: step 3 "
-          f"ran; {memory}, step {result['step_s']:.1f}s")
+    print(f"\n{args.actor} actor ({result['actor_params_b']:.2f}B params, layout {args.layout}), batch {args.batch} on "
+          f"{device}: step 3 ran; {memory}, host peak {result['host_peak_gib']:.1f} GiB, step {result['step_s']:.1f}s, "
+          f"generation path {result['generation_path']}")
 
 
 if __name__ == "__main__":

@@ -357,8 +357,15 @@ class RLConfig(Section):
     )
     actor: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig, description="Training the actor.")
     critic: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig, description="Training the critic.")
-    offload_reference: bool = Field(False, description="Keep the frozen reference model on CPU between uses.")
-    offload_reward: bool = Field(False, description="Keep the frozen reward model on CPU between uses.")
+    placement: Literal["auto", "manual"] = Field(
+        "auto", description="Where the frozen reference and reward models live. 'auto': on the accelerator while "
+        "they fit its measured free memory (beside the trained engines and room for generation and training), in "
+        "host memory only when they do not; 'manual': exactly as offload_reference / offload_reward say. A flag set "
+        "to true wins either way. With a LoRA actor whose base weights are frozen the reference is the actor with "
+        "its adapters switched off: no second copy at all."
+    )
+    offload_reference: bool = Field(False, description="Keep the frozen reference model in host memory between uses.")
+    offload_reward: bool = Field(False, description="Keep the frozen reward model in host memory between uses.")
     checkpoint_every: int = Field(20, ge=1, description="PPO steps between checkpoints.")
     log_every: int = Field(1, ge=1, description="PPO steps between rows of the metric history.")
     seed: int = Field(1234, description="Seed of the prompt order, minibatch order and sampling.")

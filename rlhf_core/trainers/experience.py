@@ -183,7 +183,7 @@ class Models:
 
     actor: Any  # DeepSpeed engine
     critic: Any  # DeepSpeed engine
-    ref: torch.nn.Module
+    ref: torch.nn.Module  # the frozen SFT model, or the actor with its adapters off (``AdaptersOff``)
     reward: torch.nn.Module
     ema: EMA | None
     actor_tok: Any
@@ -214,13 +214,20 @@ def build_models(ctx: StageContext, total_updates: int) -> Models:
                           rl.critic.lora, rl.critic.gradient_checkpointing)
     critic_engine = initialize(critic, critic_ds, rl.critic.optimizer, total_updates)
 
-    ref, ref_offloaded = frozen_model(
-        lambda dtype, ds: load_causal_lm(sft_path, dtype=dtype, dropout=0.0, what="the reference (SFT) model",
-                                         partition_with=ds),
-        rl.actor.deepspeed, rl.offload_reference, micro, dist)
+    shared = shares_reference(rl.actor.lora)
+    offload = placement(rl, dist.device, {"reference": 0 if shared else param_bytes(actor_engine.module, rl.actor),
+                                          "reward": param_bytes(critic_engine.module, rl.critic)},
+                        reserve=generation_reserve(actor_engine.module, rl), log=ctx.log)
+    if shared:  # the SFT model the actor started from, without a second copy of its weights
+        ref, ref_offloaded = AdaptersOff(actor_engine), False
+    else:
+        ref, ref_offloaded = frozen_model(
+            lambda dtype, ds: load_causal_lm(sft_path, dtype=dtype, dropout=0.0, what="the reference (SFT) model",
+                                             partition_with=ds),
+            rl.actor.deepspeed, offload["reference"], micro, dist)
     reward, reward_offloaded = frozen_model(
         lambda dtype, ds: load_reward_model(reward_path, dtype=dtype, dropout=0.0, partition_with=ds),
-        rl.critic.deepspeed, rl.offload_reward, micro, dist)
+        rl.critic.deepspeed, offload["reward"], micro, dist)
     ema = None
     if settings.ema.enabled:
         ema = EMA(actor_engine.module, settings.ema.beta, actor_engine.zero_optimization_stage() == 3, ctx.is_main,
@@ -241,6 +248,67 @@ def frozen_model(load: Callable[[torch.dtype, dict | None], torch.nn.Module], tr
         return frozen_engine(load(dtype, ds), ds), False
     model = load(dtype, None).requires_grad_(False).eval()
     return model.to("cpu" if offload else dist.device), offload
+
+
+class AdaptersOff(torch.nn.Module):
+    """The LoRA actor with its adapters switched off: the model it started from, i.e. the reference (its
+    base weights are frozen and LoRA's B starts at zero), computed through the actor's own engine, so ZeRO-3
+    gathers as usual and no second copy of the weights exists. ``module`` is the actor's (peft) model, so
+    that ``accepts`` sees the real signature."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self._engine = [engine]  # a list: not registered as a submodule, its parameters stay the actor's
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._engine[0].module
+
+    def forward(self, **kwargs):
+        engine = self._engine[0]
+        with engine.module.disable_adapter():
+            return engine(**kwargs)
+
+
+def shares_reference(lora) -> bool:
+    """Whether the reference can be the actor with its adapters off: LoRA with the base weights frozen."""
+    return lora.enabled and lora.only_optimize_lora
+
+
+def param_bytes(module: torch.nn.Module, trainee) -> int:
+    """Bytes a frozen copy of ``module``'s weights takes in its trainee's precision (partitions counted whole)."""
+    elt = torch.finfo(torch_dtype(trainee.deepspeed.precision)).bits // 8
+    return elt * sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+def generation_reserve(actor: torch.nn.Module, rl: RLConfig) -> int:
+    """Device bytes to leave free for one rollout and one training micro-batch: the fast decoder's copy of
+    the actor's weights (bf16) and a margin of a fifth of the device for the KV cache and activations."""
+    decoder = 2 * sum(getattr(p, "ds_numel", p.numel()) for n, p in actor.named_parameters() if "lora_" not in n)
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if torch.cuda.is_available() else 0
+    return decoder + total // 5
+
+
+def placement(rl: RLConfig, device: torch.device, sizes: dict[str, int], reserve: int,
+              log: Callable[[str], None] = print, free: int | None = None) -> dict[str, bool]:
+    """Which frozen models go to host memory (True) under ``rl.placement``: with 'auto', none while all fit
+    the free device memory beside ``reserve``, else the largest first until the rest fit; a flag set to
+    true is always honoured; 'manual' is the flags alone. Free memory is measured now (``free``: for tests)."""
+    forced = {"reference": rl.offload_reference, "reward": rl.offload_reward}
+    if rl.placement == "manual" or device.type != "cuda":
+        return forced
+    free = torch.cuda.mem_get_info(device)[0] if free is None else free
+    out = dict(forced)
+    need = sum(n for name, n in sizes.items() if not out[name]) + reserve
+    for name in sorted(sizes, key=sizes.get, reverse=True):
+        if need <= free:
+            break
+        if not out[name] and sizes[name]:
+            out[name], need = True, need - sizes[name]
+    moved = [n for n in sizes if out[n] and not forced[n]]
+    log(f"placement auto: {free / 2**30:.1f} GiB free; frozen models {', '.join(f'{n} {sizes[n] / 2**30:.1f} GiB' for n in sizes)}, "
+        f"reserve {reserve / 2**30:.1f} GiB; " + (f"in host memory: {', '.join(moved)}" if moved else "all on the device"))
+    return out
 
 
 @contextmanager

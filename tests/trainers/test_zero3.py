@@ -90,14 +90,16 @@ def test_ppo_at_zero3_in_two_processes_completes(rl_zero2, tmp_path):
     assert weights(cfg, got, "actor/model.safetensors").keys() == weights(ref_cfg, ref, "actor/model.safetensors").keys()
 
 
-def test_the_memory_probe_runs_its_zero3_offload_setup_on_cpu(tmp_path):
-    """benchmarks/step3_memory.py (the one-GPU memory record) at a tiny shape: the same set-up, so a GPU
+@pytest.mark.parametrize("layout", ["offload", "auto"])
+def test_the_memory_probe_runs_its_setups_on_cpu(tmp_path, layout):
+    """benchmarks/step3_memory.py (the one-GPU memory record) at a tiny shape, both layouts (ZeRO-3 with
+    everything offloaded; placement by memory with the reference shared): the same set-ups, so a GPU
     session spends its minutes measuring, not debugging."""
     proc = subprocess.run([sys.executable, "benchmarks/step3_memory.py", "--actor", "tiny", "--batch", "2",
-                           "--device", "cpu", "--out", str(tmp_path)], cwd=PROJECT, capture_output=True, text=True,
-                          timeout=300, env=_env())
+                           "--device", "cpu", "--layout", layout, "--out", str(tmp_path)], cwd=PROJECT,
+                          capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "step3_memory_tiny.json").read_text())
+    result = json.loads((tmp_path / f"step3_memory_tiny_{layout}.json").read_text())
     assert result["generation_path"] == "fast" and result["step_s"] > 0
     assert {"generate", "score", "train/actor_forward_backward", "train/critic_step"} <= result.keys()
 
