@@ -26,11 +26,11 @@ def run_stage_here(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest
 
 
 def worker(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest], fault: str | None = None,
-           timeout: float = 900) -> subprocess.CompletedProcess:
+           timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run one stage as `python -m rlhf_core.stages.launch` (or torchrun, per cfg.resources) and wait."""
     store = Store.from_config(cfg.storage)
     url = write_job(store, make_job(cfg, stage, registry.key(stage, cfg, upstream), upstream))
-    env = worker_env(cpu_threads=1)
+    env = {**worker_env(cpu_threads=1), **(env or {})}
     if fault:
         env["RLHF_FAULT_KILL_AT_STEP"] = fault
     return subprocess.run(command(cfg.resources, stage, url), env=env, capture_output=True, text=True,

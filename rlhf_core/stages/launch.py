@@ -28,6 +28,9 @@ from rlhf_core.storage.store import Manifest, Store
 ENTRY = "rlhf_core.stages.launch"
 # Set by a launcher for its own processes; a worker must get fresh ones from its own launcher.
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# NVLink multicast off in NCCL, PyTorch and NVSHMEM: on shared multi-GPU hosts a program using it can take
+# the host's GPUs out of service. Workers inherit these unless the user set them.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 class Runtime(BaseModel):
@@ -135,6 +138,8 @@ def worker_env(cpu_threads: int | None = None) -> dict[str, str]:
     progress as lines (the task turns them into a progress artifact) and unbuffered output."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(RLHF_PROGRESS="lines", PYTHONUNBUFFERED="1")
+    for name, value in NO_MULTICAST.items():
+        env.setdefault(name, value)
     if cpu_threads:
         env["OMP_NUM_THREADS"] = str(cpu_threads)
     return env

@@ -39,6 +39,7 @@ class TrainState:
 # ------------------------------------------------------------------------------------------ fault seam
 
 FAULT_ENV = "RLHF_FAULT_KILL_AT_STEP"
+FAULT_RANK_ENV = "RLHF_FAULT_RANK"  # set: only this rank is killed (the others are left to notice)
 
 
 def maybe_inject_fault(stage: str, step: int) -> None:
@@ -51,6 +52,9 @@ def maybe_inject_fault(stage: str, step: int) -> None:
         return
     target_stage, target_step, *rest = spec.split(":", 2)
     if target_stage != stage or int(target_step) != step:
+        return
+    only_rank = os.environ.get(FAULT_RANK_ENV)
+    if only_rank is not None and only_rank != os.environ.get("RANK", "0"):
         return
     if rest:
         marker, sep, times = rest[0].rpartition(":")
