@@ -36,7 +36,6 @@ def test_two_processes_match_one(one_process, zero, tmp_path):
 def test_a_killed_rank_fails_the_stage_and_every_rank_resumes(tmp_path):
     """SIGKILL of rank 1 alone: the launcher ends the stage with an error (no hang), and the next attempt
     resumes both ranks from the last complete checkpoint to the uninterrupted result."""
-
     from rlhf_core.storage.store import Store
 
     two = {**STEPS, "sft.max_steps": 12, "sft.checkpoint_every": 4, "sft.micro_batch_size": 8,
