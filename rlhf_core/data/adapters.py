@@ -416,9 +416,10 @@ class SourceConverter:
         problems: list[RowError] = []
         try:
             for col, expected in required.items():
-                problem = _type_problem(row, col, expected)
-                if problem is None:
+                value = row.get(col)
+                if value is not None and isinstance(value, expected):
                     continue
+                problem = _type_problem(row, col, expected)
                 problem.part = part_of(col)
                 if problem.part == "row":
                     raise problem
@@ -482,7 +483,7 @@ def _check_parts(prompt: Any, chosen: Any, rejected: Any, problems: list[RowErro
         raise prompt
     if not isinstance(prompt, str):
         raise RowError(f"prompt is {type(prompt).__name__} ({short(prompt)}), expected text", "wrong_type")
-    if not prompt.strip():
+    if not prompt or prompt.isspace():
         raise RowError("prompt is empty", "empty")
     if isinstance(chosen, RowError):
         problems.append(chosen)
@@ -491,7 +492,7 @@ def _check_parts(prompt: Any, chosen: Any, rejected: Any, problems: list[RowErro
         problems.append(RowError(f"chosen is {type(chosen).__name__} ({short(chosen)}), expected text", "wrong_type",
                                  "answer"))
         chosen = None
-    elif isinstance(chosen, str) and not chosen.strip():
+    elif isinstance(chosen, str) and (not chosen or chosen.isspace()):
         problems.append(RowError("chosen is empty", "empty", "answer"))
         chosen = None
     if isinstance(rejected, RowError):
@@ -502,9 +503,9 @@ def _check_parts(prompt: Any, chosen: Any, rejected: Any, problems: list[RowErro
             problems.append(RowError(f"rejected is {type(rejected).__name__} ({short(rejected)}), expected text",
                                      "wrong_type", "pair"))
             rejected = None
-        elif not rejected.strip() or chosen is None:  # an empty rejected answer is none (csv); a pair needs chosen
+        elif not rejected or rejected.isspace() or chosen is None:  # an empty rejected is none; a pair needs chosen
             rejected = None
-        elif rejected.strip() == chosen.strip():
+        elif rejected == chosen or rejected.strip() == chosen.strip():
             problems.append(RowError("chosen equals rejected (a pair must differ)", "chosen_equals_rejected", "pair"))
             rejected = None
     return prompt, chosen, rejected

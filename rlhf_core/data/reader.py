@@ -37,7 +37,7 @@ SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".zstd": 
 MAGIC = {"gzip": b"\x1f\x8b", "bz2": b"BZh", "xz": b"\xfd7zXZ\x00", "zstd": b"\x28\xb5\x2f\xfd"}
 BOM = b"\xef\xbb\xbf"
 BATCH_ROWS = 8192  # rows per batch handed to the converters
-BLOCK_BYTES = 16 << 20  # pyarrow's parse block: its first block also decides the columns' types
+BLOCK_BYTES = 4 << 20  # pyarrow's parse block (its first block also decides the columns' types); more only costs memory
 _CHUNK = 1 << 20
 _WS = re.compile(r"[ \t\n\r]*")
 
@@ -303,7 +303,8 @@ class RowReader:
         done = 0
         with open_stream(self.spec) as stream:
             try:
-                pf = pq.ParquetFile(stream)
+                # Without pre-buffering and with a small read buffer, memory stays flat however large the file.
+                pf = pq.ParquetFile(stream, pre_buffer=False, buffer_size=1 << 20)
                 names = pf.schema_arrow.names
                 cols = None if self.columns is None else [n for n in names if n in self.columns]
                 for batch in pf.iter_batches(batch_size=self.batch_rows, columns=cols):
