@@ -104,8 +104,10 @@ def run_stage(path: Path, store: Path) -> dict:
     return result
 
 
-def peak_rss_of_last_child() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MiB (ru_maxrss is in KiB on Linux)
+def child_usage() -> tuple[float, float]:
+    """Peak RSS (MiB; ru_maxrss is in KiB on Linux) and CPU seconds (user + system) of this process's children."""
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_maxrss / 1024, u.ru_utime + u.ru_stime
 
 
 def main() -> None:
@@ -115,6 +117,7 @@ def main() -> None:
     args = ap.parse_args()
     sizes = sorted({max(1000, args.rows // 4), args.rows})
     results = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="rlhf-data-bench-") as tmp:
         for n in sizes:
             folder = Path(tmp) / f"rows-{n}"
@@ -134,20 +137,22 @@ def main() -> None:
                 print(f"  {kind}: {one['seconds']:.1f} s, {n / one['seconds']:,.0f} rows/s, peak {one['rss_mib']:.0f} MiB",
                       flush=True)
     print(f"\ndata stage on {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, python "
-          f"{sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}")
-    print("| file | rows | file MiB | stage s | rows/s | peak RSS MiB | rows out (sft/reward/rl train) |")
-    print("|---|---|---|---|---|---|---|")
+          f"{sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}; load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after (other work on the machine slows the stage: CPU s does not depend on it)")
+    print("| file | rows | file MiB | stage s | rows/s | process CPU s | peak RSS MiB | rows out (sft/reward/rl train) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         rows = r["rows"]
         print(f"| {r['kind']} | {r['n']:,} | {r['file_mib']:.0f} | {r['seconds']:.1f} | {r['n'] / r['seconds']:,.0f} | "
-              f"{r['rss_mib']:.0f} | {rows['sft/train']:,} / {rows['reward/train']:,} / {rows['rl/train']:,} |")
+              f"{r['cpu_s']:.1f} | {r['rss_mib']:.0f} | {rows['sft/train']:,} / {rows['reward/train']:,} / "
+              f"{rows['rl/train']:,} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def one(path: str, store: str) -> None:
     result = run_stage(Path(path), Path(store))
-    result["rss_mib"] = peak_rss_of_last_child()
+    result["rss_mib"], result["cpu_s"] = child_usage()
     result.pop("sources")
     print(json.dumps(result))
 

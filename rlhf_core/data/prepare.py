@@ -33,7 +33,8 @@ import pyarrow as pa
 
 from rlhf_core.config import DataConfig, PtxConfig, SourceConfig
 from rlhf_core.config.views import DataSettings
-from rlhf_core.data.adapters import SourceConverter, relative_name, source_readers
+from rlhf_core.data.adapters import relative_name, source_readers
+from rlhf_core.data.convert import SourceConverter
 from rlhf_core.data.errors import DataError
 from rlhf_core.data.formats import render_prompt
 from rlhf_core.data.reader import text_file, text_lines

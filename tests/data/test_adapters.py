@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlhf_core.config import SourceConfig
-from rlhf_core.data.adapters import LAYOUTS, DataError, canonical_rows, source_readers, supported_sources
+from rlhf_core.data.adapters import LAYOUTS, DataError, source_readers, supported_sources
+from rlhf_core.data.convert import canonical_rows
 
 H = lambda q: f" Human: {q} Assistant:"  # noqa: E731
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from rlhf_core.config import ConfigError, SourceConfig
-from rlhf_core.data.adapters import DataError, canonical_rows, source_files
+from rlhf_core.data.adapters import DataError, source_files
+from rlhf_core.data.convert import canonical_rows
 from rlhf_core.data.formats import render_prompt, to_messages
 from rlhf_core.data.prepare import check_sources
 from rlhf_core.stages import registry
