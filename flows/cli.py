@@ -1,6 +1,7 @@
 """The ``rlhf`` command.
 
-    rlhf run --profile tiny [--set rl.kl.coef=0.05 ...]   run the pipeline (finished stages are cache hits)
+    rlhf run --profile tiny [--set rl.kl.coef=0.05 ...] [--until STAGE]
+                                                           run the pipeline (finished stages are cache hits)
     rlhf config --profile tiny [--set ...]                 print the validated config
     rlhf chat --model <store URL or path>                  chat with a trained actor
     rlhf serve --profile tiny [--cron ... | --interval S]   serve deployments (flows/serve.py)
@@ -17,6 +18,7 @@ import typing
 from typing import Any
 
 from rlhf_core.config.schema import PromptFormat
+from rlhf_core.stages.registry import ORDER
 
 
 def _params(args: argparse.Namespace):
@@ -33,19 +35,25 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rlhf_core.stages.existing import existing_reward
+    from rlhf_core.stages.preflight import preflight
+    from rlhf_core.stages.registry import EVALUATE
 
     params = _params(args)
     cfg = params.config()  # validate before Prefect or any stage starts
-    existing_reward(cfg)  # and a reward.existing that is not there
+    preflight(cfg, args.until)  # the store, a reward.existing, the sources' files, a step without data
     if cfg.resources.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU runs
     from flows.environment import prefect_defaults
 
     prefect_defaults()
-    from flows.pipeline import rlhf_pipeline
+    if args.until == EVALUATE:
+        from flows.pipeline import rlhf_pipeline
 
-    summary = rlhf_pipeline(params)
+        summary = rlhf_pipeline(params)
+    else:  # the stage's own flow: the pipeline up to and including it
+        from flows.stage_flows import STAGE_FLOWS
+
+        summary = STAGE_FLOWS[args.until](params)
     _print_summary(summary)
     return 0
 
@@ -69,6 +77,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print("\nHeadline:")
         for k, v in summary["headline"].items():
             print(f"  {k}: {v}")
+    if summary.get("sources"):
+        print("\nData sources:")
+        for k, v in summary["sources"].items():
+            print(f"  {k}: {v}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
         return p
 
-    with_profile(sub.add_parser("run", help="run the pipeline")).set_defaults(fn=cmd_run)
+    run = with_profile(sub.add_parser("run", help="run the pipeline"))
+    run.add_argument("--until", choices=ORDER, default=ORDER[-1], metavar="STAGE",
+                     help=f"run the pipeline up to and including this stage ({', '.join(ORDER)}; DeepSpeed-Chat's "
+                     "--step); default: all")
+    run.set_defaults(fn=cmd_run)
     with_profile(sub.add_parser("config", help="print the validated config")).set_defaults(fn=cmd_config)
     chat = sub.add_parser("chat", help="chat with a trained actor")
     chat.add_argument("--model", required=True, help="path or store URL of a model folder (e.g. <root>/export/<key>/final)")

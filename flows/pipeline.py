@@ -11,7 +11,8 @@ from flows.params import RunParams, flow_run_name
 from rlhf_core.stages import lineage
 from rlhf_core.stages.registry import DATA, EVALUATE, EXPORT, RL, REPORT, REWARD, SFT, headline, needed_for
 from rlhf_core.config import PipelineConfig
-from rlhf_core.stages.existing import existing_reward
+from rlhf_core.data.prepare import source_summary
+from rlhf_core.stages.preflight import preflight
 from rlhf_core.storage.store import Manifest
 from tasks.runner import ensure_gpu_limit, store_for
 from tasks.prepare_data import prepare_data
@@ -31,7 +32,7 @@ def rlhf_pipeline(params: RunParams = RunParams()) -> dict[str, Any]:
 def run_pipeline(params: RunParams, until: str) -> dict[str, Any]:
     """The stages ``until`` needs, in pipeline order (the body of the pipeline and of each stage flow)."""
     cfg = params.config()
-    existing_reward(cfg)  # a reward model that is not there is refused before any work starts
+    preflight(cfg, until)  # the store, a reward.existing, the sources' files: refused before any work starts
     if cfg.resources.gpu_slots:
         ensure_gpu_limit(None, at_least=cfg.resources.gpu_slots)  # once, before stages race to create it
     need = needed_for(until)
@@ -66,6 +67,8 @@ def summarize(cfg: PipelineConfig, outputs: dict[str, Manifest]) -> dict[str, An
             lines[metric] = "  ".join(f"{name} {_fmt(row[metric])}" for name, row in models.items())
         summary["report"] = store.url_of(EVALUATE, outputs[EVALUATE].key, REPORT)
     summary["headline"] = lines
+    if DATA in outputs:
+        summary["sources"] = source_summary(outputs[DATA].metrics)
     return summary
 
 

@@ -68,31 +68,55 @@ class StorageConfig(Section):
 # -------------------------------------------------------------------------------------------------- data
 
 
+# The steps the data is split between (rlhf_core.stages.registry's SFT, REWARD and RL stage names).
+StageName = Literal["sft", "reward", "rl"]
+STAGE_NAMES: tuple[StageName, ...] = ("sft", "reward", "rl")
+
+
 class SourceConfig(Section):
     name: str = Field(
-        description="Adapter: a supported dataset name (e.g. 'Dahoas/rm-static'), 'local/jsonfile' "
-        "(DeepSpeed-Chat's data/train.json + data/eval.json layout) or 'files' (json/jsonl/parquet/csv with "
-        "a column mapping)."
+        description="Adapter: a supported dataset name (e.g. 'Dahoas/rm-static', 'Anthropic/hh-rlhf'), "
+        "'local/jsonfile' (DeepSpeed-Chat's data/train.json + data/eval.json layout) or 'files' (json/jsonl/"
+        "parquet/csv in TRL's or OpenAI's column formats, or any columns with a column mapping)."
     )
     path: str | None = Field(
-        None, description="Local path or store URL of the source's files. Empty: load `name` from the hub.",
+        None, description="Local path or store URL of the source's files: one file, a folder with train/test "
+        "files, or a folder whose subfolders hold them (HH-RLHF's repository). Empty: load `name` from the hub.",
         json_schema_extra=CONTENT_KEYED,
     )
     eval_path: str | None = Field(None, description="A separate eval file (instead of the layout's own eval "
                                   "split, or of carving data.eval_fraction out of train); needs path.",
                                   json_schema_extra=CONTENT_KEYED)
     format: Literal["auto", "json", "jsonl", "parquet", "csv"] = Field(
-        "auto", description="File format for 'files' sources; 'auto' goes by the extension."
+        "auto", description="File format of the source's files; 'auto' goes by the extension (after a "
+        "compression suffix: train.jsonl.gz is jsonl)."
+    )
+    compression: Literal["auto", "none", "gzip", "bz2", "xz", "zstd"] = Field(
+        "auto", description="Compression of the source's files; 'auto' goes by the extension (.gz, .bz2, .xz, "
+        ".zst), 'none' reads them as they are."
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="For 'files': canonical column (prompt, chosen, rejected) -> column in the file.",
+        description="For 'files': canonical column (prompt, chosen, rejected) -> column in the file. Empty: the "
+        "file's own columns in one of TRL's or OpenAI's formats (prompt/chosen/rejected as text or messages, "
+        "chosen/rejected transcripts or conversations, prompt/completion, prompt only, messages).",
     )
-    subset: str | None = Field(None, description="Hub dataset configuration name, if it has several.")
-    weight: float = Field(1.0, gt=0, description="Blending weight (sampling probability after normalising).")
+    subset: str | None = Field(None, description="Hub dataset configuration name (for Anthropic/hh-rlhf its "
+                               "folder, e.g. harmless-base); with path, that subfolder of path.")
+    stages: list[StageName] = Field(
+        list(STAGE_NAMES), min_length=1,
+        description="The steps this source feeds; its rows are split between them in the proportions of "
+        "data.split. [sft] is DeepSpeed-Chat's --sft_only_data_path; prompt-only data needs [rl].",
+    )
+    weight: float | None = Field(
+        None, gt=0, description="Share of this source in each blended train set, relative to the other sources' "
+        "weights. Unset on every source: each source's share is its size (every row used once, as DeepSpeed-Chat "
+        "concatenates). Give every source a weight or none."
+    )
     max_rows: int | None = Field(None, ge=1, description="Use at most this many rows of the source.")
     on_invalid: Literal["error", "drop"] = Field(
-        "error", description="A malformed row fails the stage ('error') or is dropped and counted ('drop')."
+        "error", description="A malformed row fails the stage ('error') or its bad part is dropped and counted "
+        "('drop': a bad pair keeps the row for sft and rl, a bad answer keeps its prompt for rl)."
     )
 
     @model_validator(mode="after")
@@ -107,7 +131,29 @@ class SourceConfig(Section):
         unknown = set(v) - {"prompt", "chosen", "rejected"}
         if unknown:
             raise ValueError(f"columns keys must be prompt, chosen, rejected; got {sorted(unknown)}")
+        shared = sorted({c for c in v.values() if list(v.values()).count(c) > 1})
+        if shared:
+            both = sorted(k for k, c in v.items() if c in shared)
+            raise ValueError(f"columns maps {' and '.join(both)} to the same column {shared[0]!r}; each needs its "
+                             "own column (for whole transcripts in chosen/rejected, leave columns out: they are "
+                             "split at the last Assistant turn)")
         return v
+
+    @field_validator("stages")
+    @classmethod
+    def _distinct_stages(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"stages lists a step twice: {v}")
+        return [s for s in STAGE_NAMES if s in v]
+
+
+class BlendTotalConfig(Section):
+    sft: int | None = Field(None, ge=1, description="Rows of the blended SFT train set (sources over- or "
+                            "undersampled to their shares); default: the sum of its sources' rows.")
+    reward: int | None = Field(None, ge=1, description="Rows of the blended reward train set; default: the sum "
+                               "of its sources' rows.")
+    rl: int | None = Field(None, ge=1, description="Prompts of the blended RL train set; default: the sum of its "
+                           "sources' prompts.")
 
 
 class PtxConfig(Section):
@@ -131,8 +177,13 @@ class DataConfig(Section):
         description="How prompts reach the models: DeepSpeed-Chat's ' Human: ... Assistant:' text, or the "
         "actor tokenizer's chat template.",
     )
-    blend: Literal["first_exhausted", "all_exhausted"] = Field(
-        "first_exhausted", description="Stop blending when the first source runs out, or oversample until all do."
+    split_scheme: Literal["default", "deepspeed_chat"] = Field(
+        "default", description="How rows are assigned to steps: 'default' (a seeded shuffle of each source's "
+        "valid rows cut at rounded cumulative shares) or 'deepspeed_chat' (exactly the rows DeepSpeed-Chat's "
+        "data_utils puts in each step for the same seed and split)."
+    )
+    blend_total: BlendTotalConfig = Field(
+        default_factory=BlendTotalConfig, description="Sizes of the blended train sets (default scheme only)."
     )
     seed: int = Field(1234, description="Seed for splitting and blending.")
     ptx: PtxConfig = Field(default_factory=PtxConfig, description="The pretraining corpus (PPO-ptx, SFT mixture).")
@@ -153,6 +204,36 @@ class DataConfig(Section):
         if any(p < 0 for p in v) or sum(v) == 0:
             raise ValueError(f"split shares must be >= 0 with a positive sum, got {','.join(map(str, v))}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blend_was_replaced(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "blend" in v:
+            raise ValueError("data.blend was removed: sources are concatenated (every row used once, as "
+                             "DeepSpeed-Chat does) unless they have weights; see data.sources.N.weight and "
+                             "data.blend_total")
+        return v
+
+    @model_validator(mode="after")
+    def _blend_and_stages(self) -> "DataConfig":
+        weighted = [i for i, s in enumerate(self.sources) if s.weight is not None]
+        if weighted and len(weighted) < len(self.sources):
+            unset = next(i for i, s in enumerate(self.sources) if s.weight is None)
+            raise ValueError(f"data.sources.{weighted[0]}.weight is set but data.sources.{unset}.weight is not; "
+                             "give every source a weight, or none (each source's share is then its size)")
+        if self.split_scheme == "deepspeed_chat":
+            totals = {k: v for k, v in self.blend_total.model_dump().items() if v is not None}
+            if weighted or totals:
+                what = f"data.sources.{weighted[0]}.weight" if weighted else f"data.blend_total.{next(iter(totals))}"
+                raise ValueError(f"{what} cannot be used with split_scheme deepspeed_chat: DeepSpeed-Chat "
+                                 "concatenates its sources; remove it or use split_scheme: default")
+        shares = dict(zip(STAGE_NAMES, self.split))
+        for i, s in enumerate(self.sources):
+            if not any(shares[stage] for stage in s.stages):
+                raise ValueError(f"data.sources.{i} feeds {', '.join(s.stages)}, whose share in data.split "
+                                 f"{','.join(map(str, self.split))} is 0: it would feed nothing; give one of them a "
+                                 "share or change the source's stages")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -2,40 +2,35 @@
 
 A canonical row is ``{prompt, chosen, rejected, source}``: ``prompt`` in DeepSpeed-Chat's
 " Human: ... Assistant:" text (multi-turn histories keep their turns), ``chosen``/``rejected`` the answers
-that follow it, ``rejected`` None for SFT-only sources. Each layout below is the public column layout of
-that dataset and converts a row the way DeepSpeed-Chat's ``raw_datasets.py`` does, so a model trained
-here sees the same text as one trained there.
+that follow it, ``rejected`` None for SFT-only sources, ``chosen`` None for prompt-only ones. Each layout below is
+the public column layout of that dataset and converts a row the way DeepSpeed-Chat's ``raw_datasets.py`` does,
+so a model trained here sees the same text as one trained there; ``Anthropic/hh-rlhf`` is split at the last
+assistant turn as TRL and OpenRLHF split it; ``files`` reads TRL's and OpenAI's formats
+(``rlhf_core/data/conversations.py``) or any columns through a ``columns:`` mapping.
 
 Rows come from the hub (when reachable, via ``datasets.load_dataset``) or from local / store files in the
-same layout (json, jsonl, parquet, csv), which is how the tests and offline users feed them.
+same layout (``rlhf_core/data/reader.py``: json, jsonl, parquet, csv, compressed or not), read in batches.
+A source's files: one file (its train rows), a folder with ``<train split>.<ext>`` and
+``<eval split>.<ext>``, or a folder whose subfolders hold them (HH-RLHF's repository as shipped).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import fsspec
 
 from rlhf_core.config import SourceConfig
+from rlhf_core.data.conversations import Converted, split_pair
+from rlhf_core.data.errors import DataError, RowError
+from rlhf_core.data.formats import human_prompt
+from rlhf_core.data.reader import RowReader, TableRows, resolve, split_name
 
-Converted = tuple[Any, Any, Any]  # (prompt, chosen, rejected|None)
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the source, file, row or column and the fix."""
-
-
-class RowError(DataError):
-    """One malformed row; ``reason`` is a short tag used to count dropped rows."""
-
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
+__all__ = ["DataError", "RowError", "FILES", "LAYOUTS", "Layout", "SourceReaders", "layout_of", "relative_name",
+           "source_files", "source_readers", "source_split_files", "supported_sources"]
 
 
 @dataclass(frozen=True)
@@ -47,10 +42,22 @@ class Layout:
     eval_split: str | None = "test"  # None: carve eval_fraction out of train (DeepSpeed-Chat's "9,1")
     hub_name: str | None = None  # hub dataset when it differs from the layout name (mkqa variants)
     hub_subset: str | None = None
+    # The columns of the chosen and rejected answers: a bad one drops only that part (on_invalid: drop).
+    answers: tuple[str | None, str | None] = ("chosen", "rejected")
+    optional: tuple[str, ...] = ()  # columns read when present
+    subset_is_folder: bool = False  # subset: names a folder of the dataset (HH-RLHF's data_dir), not a config
+
+    def part_of(self, column: str) -> str:
+        return {self.answers[0]: "answer", self.answers[1]: "pair"}.get(column, "row")
 
 
-def _human(text: str) -> str:
-    return " Human: " + text + " Assistant:"
+def _sp(text: Any) -> Any:
+    """DeepSpeed-Chat's answer: a space, then the text (None stays None)."""
+    return None if text is None else " " + text
+
+
+def _after_cue(text: Any) -> Any:
+    return None if text is None else text.split("Assistant:")[-1]
 
 
 _CITATION = (re.compile(r" [\(\[].*?[\)\]]"), re.compile(r"[\(\[].*?[\)\]]"))
@@ -71,24 +78,24 @@ def _first(items: Any, what: str) -> Any:
 def _webgpt(r: dict) -> Converted:
     a0_better = float(r["score_0"]) >= float(r["score_1"])
     good, bad = (r["answer_0"], r["answer_1"]) if a0_better else (r["answer_1"], r["answer_0"])
-    return _human(r["question"]["full_text"]), " " + _strip_citations(good), " " + _strip_citations(bad)
+    return human_prompt(r["question"]["full_text"]), " " + _strip_citations(good), " " + _strip_citations(bad)
 
 
 def _shp(r: dict) -> Converted:
     a_better = int(r["labels"]) == 1
     good, bad = (r["human_ref_A"], r["human_ref_B"]) if a_better else (r["human_ref_B"], r["human_ref_A"])
-    return _human(r["history"]), " " + good, " " + bad
+    return human_prompt(r["history"]), " " + good, " " + bad
 
 
 def _miracl(r: dict) -> Converted:
     negatives = r["negative_passages"]
     rejected = " " + negatives[0]["text"] if negatives else None
-    return _human(r["query"]), " " + _first(r["positive_passages"], "positive_passages")["text"], rejected
+    return human_prompt(r["query"]), " " + _first(r["positive_passages"], "positive_passages")["text"], rejected
 
 
 def _mkqa(lang: str) -> Callable[[dict], Converted]:
     def convert(r: dict) -> Converted:
-        return _human(r["queries"][lang]), " " + _first(r["answers"][lang], f"answers.{lang}")["text"], None
+        return human_prompt(r["queries"][lang]), " " + _first(r["answers"][lang], f"answers.{lang}")["text"], None
 
     return convert
 
@@ -105,10 +112,9 @@ LAYOUTS: dict[str, Layout] = {
         Layout("Dahoas/full-hh-rlhf", {"prompt": _STR, "chosen": _STR, "rejected": _STR},
                lambda r: (r["prompt"], r["chosen"], r["rejected"])),
         Layout("Dahoas/synthetic-instruct-gptj-pairwise", {"prompt": _STR, "chosen": _STR, "rejected": _STR},
-               lambda r: (_human(r["prompt"]), " " + r["chosen"], " " + r["rejected"]), eval_split=None),
+               lambda r: (human_prompt(r["prompt"]), _sp(r["chosen"]), _sp(r["rejected"])), eval_split=None),
         Layout("yitingxie/rlhf-reward-datasets", {"prompt": _STR, "chosen": _STR, "rejected": _STR},
-               lambda r: (r["prompt"] + "Assistant:", r["chosen"].split("Assistant:")[-1],
-                          r["rejected"].split("Assistant:")[-1])),
+               lambda r: (r["prompt"] + "Assistant:", _after_cue(r["chosen"]), _after_cue(r["rejected"]))),
         Layout("openai/webgpt_comparisons",
                {"question": dict, "answer_0": _STR, "answer_1": _STR, "score_0": _NUM, "score_1": _NUM},
                _webgpt, eval_split=None),
@@ -116,27 +122,32 @@ LAYOUTS: dict[str, Layout] = {
                _shp, eval_split="validation"),
         Layout("pvduy/sharegpt_alpaca_oa_vicuna_format", {"prompt": _STR, "label": _STR},
                lambda r: (r["prompt"].replace("USER", "Human").replace("ASSISTANT", "Assistant"),
-                          " " + r["label"], None)),
+                          _sp(r["label"]), None), answers=("label", None)),
         Layout("wangrui6/Zhihu-KOL", {"INSTRUCTION": _STR, "RESPONSE": _STR},
-               lambda r: (_human(r["INSTRUCTION"]), " " + r["RESPONSE"], None), eval_split=None),
+               lambda r: (human_prompt(r["INSTRUCTION"]), _sp(r["RESPONSE"]), None), eval_split=None,
+               answers=("RESPONSE", None)),
         Layout("Cohere/miracl-zh-queries-22-12", {"query": _STR, "positive_passages": _LIST, "negative_passages": _LIST},
                _miracl, eval_split="dev"),
         Layout("Hello-SimpleAI/HC3-Chinese", {"question": _STR, "human_answers": _LIST},
-               lambda r: (_human(r["question"]), " " + _first(r["human_answers"], "human_answers"), None),
+               lambda r: (human_prompt(r["question"]), " " + _first(r["human_answers"], "human_answers"), None),
                eval_split=None, hub_subset="all"),
         Layout("mkqa-Chinese", {"queries": dict, "answers": dict}, _mkqa("zh_cn"), eval_split=None, hub_name="mkqa"),
         Layout("mkqa-Japanese", {"queries": dict, "answers": dict}, _mkqa("ja"), eval_split=None, hub_name="mkqa"),
         Layout("Cohere/miracl-ja-queries-22-12", {"query": _STR, "positive_passages": _LIST, "negative_passages": _LIST},
                _miracl, eval_split="dev"),
         Layout("lmqg/qg_jaquad", {"question": _STR, "sentence": _STR},
-               lambda r: (_human(r["question"]), " " + r["sentence"], None), eval_split="validation"),
+               lambda r: (human_prompt(r["question"]), _sp(r["sentence"]), None), eval_split="validation",
+               answers=("sentence", None)),
         Layout("lmqg/qag_jaquad", {"questions": _LIST, "paragraph": _STR},
-               lambda r: (_human(_first(r["questions"], "questions")), " " + r["paragraph"], None),
-               eval_split="validation"),
+               lambda r: (human_prompt(_first(r["questions"], "questions")), _sp(r["paragraph"]), None),
+               eval_split="validation", answers=("paragraph", None)),
         # DeepSpeed-Chat's local layout: <path>/data/train.json and <path>/data/eval.json.
         Layout("local/jsonfile", {"prompt": _STR, "chosen": _STR},
-               lambda r: (" " + r["prompt"], " " + r["chosen"],
-                          None if r.get("rejected") is None else " " + r["rejected"]), eval_split="eval"),
+               lambda r: (" " + r["prompt"], _sp(r["chosen"]), _sp(r.get("rejected"))), eval_split="eval",
+               optional=("rejected",)),
+        # HH-RLHF as its repository ships it: <subset>/train.jsonl.gz, <subset>/test.jsonl.gz, whole transcripts.
+        Layout("Anthropic/hh-rlhf", {"chosen": _STR, "rejected": _STR},
+               lambda r: split_pair(r["chosen"], r["rejected"]), subset_is_folder=True),
     ]
 }
 FILES = "files"
@@ -146,293 +157,170 @@ def supported_sources() -> list[str]:
     return sorted(LAYOUTS) + [FILES]
 
 
-# ------------------------------------------------------------------------------------------ raw reading
-
-
-@dataclass
-class RawSplit:
-    """Raw rows of one split of one source and where they came from (for error messages)."""
-
-    rows: list[dict[str, Any]]
-    origin: str
-
-
-def read_file_rows(url: str, fmt: str = "auto", storage_options: dict | None = None) -> list[dict[str, Any]]:
-    """Read json (array or lines), jsonl, parquet or csv from a local path or fsspec URL."""
-    if fmt == "auto":
-        lowered = url.lower()
-        fmt = next((f for f in ("jsonl", "json", "parquet", "csv") if lowered.endswith("." + f)), "")
-        if not fmt:
-            raise DataError(f"{url}: cannot tell the format from the extension; set format: json|jsonl|parquet|csv")
-    try:
-        with fsspec.open(url, "rb", **dict(storage_options or {})) as f:
-            blob = f.read()
-    except FileNotFoundError:
-        raise DataError(f"{url}: file not found") from None
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(io.BytesIO(blob)).to_pylist()
-        except Exception as e:  # pyarrow raises several types for a corrupt file
-            raise DataError(f"{url}: not a readable parquet file ({e})") from None
-    try:
-        text = blob.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = blob[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{url}: line {line} is not valid UTF-8 (byte {e.start}: {blob[e.start:e.start + 4]!r}); "
-            "re-encode the file as UTF-8"
-        ) from None
-    if fmt == "csv":
-        return list(csv.DictReader(io.StringIO(text)))
-    stripped = text.lstrip()
-    if fmt == "json" and stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{url}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        if not all(isinstance(r, dict) for r in rows):
-            raise DataError(f"{url}: a JSON array of objects is expected")
-        return rows
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{url}: line {lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{url}: line {lineno} is a JSON {type(obj).__name__}, expected an object")
-        rows.append(obj)
-    return rows
-
-
-def _join(path: str, *parts: str) -> str:
-    return "/".join([path.rstrip("/"), *parts])
-
-
-def layout_files(src: SourceConfig, layout: Layout) -> dict[str, str | None]:
-    """Local/store files in a layout: a file (train only), or a folder with <split>.<ext> files."""
-    assert src.path is not None
-    if src.eval_path and not _exists(src.eval_path):
-        raise DataError(f"source {src.name}: eval_path {src.eval_path} does not exist")
-    if layout.name == "local/jsonfile":
-        return {"train": _join(src.path, "data", "train.json"),
-                "eval": src.eval_path or _join(src.path, "data", "eval.json")}
-    fs, root = fsspec.core.url_to_fs(src.path)
-    if not fs.isdir(root):
-        return {"train": src.path, "eval": src.eval_path}
-    found: dict[str, str | None] = {"train": None, "eval": src.eval_path}
-    for name in sorted(fs.ls(root, detail=False)):
-        base = name.rsplit("/", 1)[-1]
-        stem, _, ext = base.partition(".")
-        if ext not in ("json", "jsonl", "parquet", "csv"):
-            continue
-        if stem == layout.train_split:
-            found["train"] = _join(src.path, base)
-        elif layout.eval_split and stem == layout.eval_split and not src.eval_path:
-            found["eval"] = _join(src.path, base)
-    if found["train"] is None:
-        raise DataError(
-            f"source {src.name}: {src.path} has no {layout.train_split}.json/.jsonl/.parquet/.csv file"
-        )
-    return found
-
-
-def source_files(src: SourceConfig) -> list[str]:
-    """The files a source with ``path:`` reads (train, then eval when there is one), for its cache key."""
-    if src.path is None:
-        return []
-    if src.name == FILES:
-        if src.eval_path and not _exists(src.eval_path):
-            raise DataError(f"source {src.name}: eval_path {src.eval_path} does not exist")
-        return [src.path] + ([src.eval_path] if src.eval_path else [])
-    return [u for u in layout_files(src, layout_of(src)).values() if u and _exists(u)]
-
-
-def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
-
-
-def load_raw(src: SourceConfig) -> tuple[RawSplit, RawSplit | None]:
-    """Raw train rows and (if the source has one) eval rows."""
-    if src.name == FILES:
-        if not src.path:
-            raise DataError("a 'files' source needs path: a json/jsonl/parquet/csv file or URL")
-        train = RawSplit(read_file_rows(src.path, src.format), src.path)
-        evals = RawSplit(read_file_rows(src.eval_path, src.format), src.eval_path) if src.eval_path else None
-        return train, evals
-    layout = layout_of(src)
-    if src.path:
-        files = layout_files(src, layout)
-        train_url, eval_url = files["train"], files["eval"]
-        assert train_url is not None
-        fmt = src.format if src.format != "auto" else ("json" if train_url.endswith(".json") else "auto")
-        train = RawSplit(read_file_rows(train_url, fmt), train_url)
-        evals = None
-        if eval_url and _exists(eval_url):
-            evals = RawSplit(read_file_rows(eval_url, fmt), eval_url)
-        return train, evals
-    return _load_hub(src, layout)
-
-
-def _load_hub(src: SourceConfig, layout: Layout) -> tuple[RawSplit, RawSplit | None]:
-    import datasets
-
-    name = layout.hub_name or layout.name
-    subset = src.subset or layout.hub_subset
-    try:
-        ds = datasets.load_dataset(name, subset)
-    except Exception as e:  # offline, missing, gated: many exception types
-        raise DataError(
-            f"source {src.name}: could not load {name!r} from the hub ({type(e).__name__}: {e}). "
-            "Without a hub, download it elsewhere and point path: at its files"
-        ) from None
-    train = RawSplit(ds[layout.train_split].to_list(), f"hub:{name}[{layout.train_split}]")
-    evals = None
-    if layout.eval_split and layout.eval_split in ds:
-        evals = RawSplit(ds[layout.eval_split].to_list(), f"hub:{name}[{layout.eval_split}]")
-    return train, evals
-
-
 def layout_of(src: SourceConfig) -> Layout:
     try:
         return LAYOUTS[src.name]
     except KeyError:
         raise DataError(
             f"unknown source {src.name!r}; supported: {', '.join(supported_sources())}. "
-            "For any other dataset use name: files with path: and columns:"
+            "For any other dataset use name: files with path: (and columns: unless it is in a TRL/OpenAI format)"
         ) from None
 
 
-# ------------------------------------------------------------------------------------------- conversion
+# ------------------------------------------------------------------------------------------------ files
+
+
+def _join(path: str, *parts: str) -> str:
+    return "/".join([path.rstrip("/"), *parts])
+
+
+def _kind(url: str) -> str:
+    """'file', 'folder' or 'missing'."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.isdir(path):
+        return "folder"
+    return "file" if fs.exists(path) else "missing"
+
+
+def _one_file(src: SourceConfig, key: str, url: str) -> str:
+    kind = _kind(url)
+    if kind == "missing":
+        raise DataError(f"source {src.name}: {key} {url} does not exist")
+    if kind == "folder":
+        raise DataError(f"source {src.name}: {key} {url} is a folder; a {src.name} source reads one file here: give "
+                        "the file (e.g. its train.jsonl)" + ("" if src.name != FILES else
+                                                            ", or name the dataset layout the folder has"))
+    return url
+
+
+def _split_files(fs: Any, folder: str, url: str, layout: Layout) -> dict[str, list[str]]:
+    """The train and eval files directly in a folder (``train.jsonl``, ``test.jsonl.gz``, ...)."""
+    found: dict[str, list[str]] = {"train": [], "eval": []}
+    for entry in sorted(fs.ls(folder, detail=True), key=lambda e: e["name"]):
+        if entry["type"] == "directory":
+            continue
+        base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        stem, fmt, _comp = split_name(base)
+        if fmt is None:
+            continue
+        if stem == layout.train_split:
+            found["train"].append(_join(url, base))
+        elif layout.eval_split and stem == layout.eval_split:
+            found["eval"].append(_join(url, base))
+    for split, names in found.items():
+        if len(names) > 1:
+            raise DataError(f"{url} holds {len(names)} {split} files ({', '.join(n.rsplit('/', 1)[-1] for n in names)}); "
+                            "keep one, or point path: at one of them")
+    return found
+
+
+def layout_files(src: SourceConfig, layout: Layout) -> dict[str, list[str]]:
+    """Local/store files in a layout, per split: a file (train only), a folder with <split>.<ext> files, or a
+    folder whose subfolders hold them (each subfolder's files in name order)."""
+    assert src.path is not None
+    evals = [_one_file(src, "eval_path", src.eval_path)] if src.eval_path else None
+    if layout.name == "local/jsonfile":
+        train = _one_file(src, "path", _join(src.path, "data", "train.json"))
+        default_eval = _join(src.path, "data", "eval.json")
+        return {"train": [train], "eval": evals if evals is not None else
+                ([default_eval] if _kind(default_eval) == "file" else [])}
+    root = _join(src.path, src.subset) if src.subset else src.path
+    kind = _kind(root)
+    if kind == "missing":
+        raise DataError(f"source {src.name}: path {root} does not exist")
+    if kind == "file":
+        return {"train": [root], "eval": evals or []}
+    fs, folder = fsspec.core.url_to_fs(root)
+    found = _split_files(fs, folder, root, layout)
+    if not found["train"]:
+        for entry in sorted(fs.ls(folder, detail=True), key=lambda e: e["name"]):
+            if entry["type"] == "directory":
+                name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+                sub = _split_files(fs, entry["name"], _join(root, name), layout)
+                found["train"] += sub["train"]
+                found["eval"] += sub["eval"] if sub["train"] else []
+    if not found["train"]:
+        raise DataError(f"source {src.name}: {root} has no {layout.train_split}.jsonl/.json/.parquet/.csv file "
+                        "(optionally .gz/.bz2/.xz/.zst), in it or in its subfolders")
+    if evals is not None:
+        found["eval"] = evals
+    return found
+
+
+def source_split_files(src: SourceConfig) -> dict[str, list[str]]:
+    """The files a source with ``path:`` reads, per split (``{'train': [...], 'eval': [...]}``)."""
+    if src.path is None:
+        return {"train": [], "eval": []}
+    if src.name == FILES:
+        return {"train": [_one_file(src, "path", src.path)],
+                "eval": [_one_file(src, "eval_path", src.eval_path)] if src.eval_path else []}
+    return layout_files(src, layout_of(src))
+
+
+def source_files(src: SourceConfig) -> list[str]:
+    """The files a source with ``path:`` reads (train, then eval), exactly: its cache key hashes them."""
+    files = source_split_files(src)
+    return files["train"] + files["eval"]
+
+
+def relative_name(src: SourceConfig, url: str) -> str:
+    """A source file's name relative to the source's path (its name alone for eval_path or a single file)."""
+    if src.path and url.startswith(src.path.rstrip("/") + "/"):
+        return url[len(src.path.rstrip("/")) + 1:]
+    return posixpath.basename(url)
+
+
+# ----------------------------------------------------------------------------------------------- readers
 
 
 @dataclass
-class CanonicalRows:
-    rows: list[dict[str, Any]]
-    dropped: dict[str, int]  # reason -> rows dropped (on_invalid: drop)
+class SourceReaders:
+    """Everything a source reads: per split, the readers of its files in order."""
+
+    train: list[Any]
+    eval: list[Any]
 
 
-def convert_rows(src: SourceConfig, raw: RawSplit) -> CanonicalRows:
-    """Canonical rows of one raw split. Malformed rows raise DataError (or are dropped and counted when
-    the source says on_invalid: drop)."""
-    if not raw.rows:
-        raise DataError(f"source {src.name}: {raw.origin} has no rows")
+def source_readers(src: SourceConfig) -> SourceReaders:
+    """The readers of a source's train and eval rows (eval empty: the source has no eval split).
+
+    Raises:
+        DataError: a missing file or folder, a name whose format cannot be told, no hub.
+    """
+    columns = _read_columns(src)
+    if src.path is None:
+        return _hub_readers(src, layout_of(src), columns)
+    files = source_split_files(src)
+
+    def reader(url: str) -> RowReader:
+        return RowReader(resolve(url, src.format, src.compression), columns)
+
+    return SourceReaders([reader(u) for u in files["train"]], [reader(u) for u in files["eval"]])
+
+
+def _read_columns(src: SourceConfig) -> set[str] | None:
+    """The columns a source's converter reads (None: all, to detect the format)."""
     if src.name == FILES:
-        convert, required = _files_converter(src), {v: None for v in src.columns.values()}
-        if "prompt" not in src.columns or "chosen" not in src.columns:
-            raise DataError(
-                f"source files ({raw.origin}): columns must map at least prompt and chosen, e.g. "
-                "columns: {prompt: question, chosen: answer, rejected: bad_answer}"
-            )
-    else:
-        layout = layout_of(src)
-        convert, required = layout.convert, layout.columns
-    _check_columns(src, raw, list(required))
-    out: list[dict[str, Any]] = []
-    dropped: dict[str, int] = {}
-    for i, row in enumerate(raw.rows):
-        try:
-            _check_types(row, required)
-            try:
-                prompt, chosen, rejected = convert(row)
-            except RowError:
-                raise
-            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
-                raise RowError(f"cannot convert ({type(e).__name__}: {e})", "unconvertible") from None
-            _check_converted(prompt, chosen, rejected)
-        except RowError as e:
-            if src.on_invalid == "drop":
-                dropped[e.reason] = dropped.get(e.reason, 0) + 1
-                continue
-            raise DataError(
-                f"source {src.name}, {raw.origin}, row {i}: {e}. Fix the row, or set on_invalid: drop on "
-                "this source to drop and count such rows"
-            ) from None
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": src.name})
-    if not out:
-        raise DataError(f"source {src.name}: every row of {raw.origin} was invalid ({dropped})")
-    return CanonicalRows(out, dropped)
+        return set(src.columns.values()) if src.columns else None
+    layout = layout_of(src)
+    return set(layout.columns) | set(layout.optional) | {c for c in layout.answers if c}
 
 
-def _files_converter(src: SourceConfig) -> Callable[[dict], Converted]:
-    cols = src.columns
+def _hub_readers(src: SourceConfig, layout: Layout, columns: set[str] | None) -> SourceReaders:
+    import datasets
 
-    def convert(r: dict) -> Converted:
-        # Plain questions are put in DeepSpeed-Chat's format; prompts already in it are kept as they are.
-        prompt, chosen = r[cols["prompt"]], r[cols["chosen"]]
-        rejected = r.get(cols["rejected"]) if "rejected" in cols else None
-        if isinstance(prompt, str) and "Assistant:" not in prompt:
-            prompt = _human(prompt.strip())
-        return prompt, _lead(chosen), _lead(rejected)
-
-    return convert
-
-
-def _lead(answer: Any) -> Any:
-    return " " + answer.lstrip() if isinstance(answer, str) and answer.strip() else answer
-
-
-def _check_columns(src: SourceConfig, raw: RawSplit, required: list[str]) -> None:
-    present: set[str] = set()
-    for row in raw.rows[:1000]:
-        present |= set(row)
-    missing = [c for c in required if c not in present]
-    if missing:
-        hint = (
-            "map them with columns: {prompt: ..., chosen: ..., rejected: ...}"
-            if src.name == FILES
-            else f"check that the file is in the {src.name} layout, or use name: files with a columns mapping"
-        )
+    name = layout.hub_name or layout.name
+    subset = src.subset or layout.hub_subset
+    try:
+        ds = (datasets.load_dataset(name, data_dir=subset) if layout.subset_is_folder and subset
+              else datasets.load_dataset(name, subset))
+    except Exception as e:  # offline, missing, gated: many exception types
         raise DataError(
-            f"source {src.name}, {raw.origin}: missing column(s) {missing}; found {sorted(present)}; {hint}"
-        )
-
-
-def _check_types(row: dict, required: dict[str, Any]) -> None:
-    for col, expected in required.items():
-        if expected is None:
-            continue
-        value = row.get(col)
-        if value is None:
-            raise RowError(f"column {col!r} is missing or null", "missing")
-        if not isinstance(value, expected):
-            names = "/".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
-            raise RowError(f"column {col!r} is {type(value).__name__} ({_short(value)}), expected {names}", "wrong_type")
-
-
-def _check_converted(prompt: Any, chosen: Any, rejected: Any) -> None:
-    for name, value in (("prompt", prompt), ("chosen", chosen)):
-        if not isinstance(value, str):
-            raise RowError(f"{name} is {type(value).__name__} ({_short(value)}), expected text", "wrong_type")
-        if not value.strip():
-            raise RowError(f"{name} is empty", "empty")
-    if rejected is not None:
-        if not isinstance(rejected, str):
-            raise RowError(f"rejected is {type(rejected).__name__} ({_short(rejected)}), expected text", "wrong_type")
-        if rejected.strip() == chosen.strip():
-            raise RowError("chosen equals rejected (a pair must differ)", "chosen_equals_rejected")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def iter_text_lines(url: str) -> Iterable[str]:
-    """Lines of a UTF-8 plain-text corpus (local path or URL); DataError names a bad line."""
-    try:
-        with fsspec.open(url, "rb") as f:
-            blob = f.read()
-    except FileNotFoundError:
-        raise DataError(f"pretraining corpus {url}: file not found") from None
-    try:
-        text = blob.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = blob[: e.start].count(b"\n") + 1
-        raise DataError(f"pretraining corpus {url}: line {line} is not valid UTF-8; re-encode it as UTF-8") from None
-    return [line for line in text.splitlines() if line.strip()]
+            f"source {src.name}: could not load {name!r} from the hub ({type(e).__name__}: {e}). "
+            "Without a hub, download it elsewhere and point path: at its files"
+        ) from None
+    train = TableRows(ds[layout.train_split], f"hub:{name}[{layout.train_split}]", columns)
+    evals = []
+    if layout.eval_split and layout.eval_split in ds:
+        evals = [TableRows(ds[layout.eval_split], f"hub:{name}[{layout.eval_split}]", columns)]
+    return SourceReaders([train], evals)

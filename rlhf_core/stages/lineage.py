@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from rlhf_core.stages.registry import EVALUATE, EXPORT, ORDER, PLOTS, REPORT, headline
+from rlhf_core.stages.registry import DATA, EVALUATE, EXPORT, ORDER, PLOTS, REPORT, headline
 from rlhf_core.storage.lease import list_leases
 from rlhf_core.storage.store import MANIFEST, Manifest, Store
 
@@ -321,6 +321,11 @@ def summary_markdown(title: str, store: Store, outputs: dict[str, Manifest], sta
         url = store.url_of(m.stage, m.key)
         lines.append(f"| {name} | [{m.stage}/{m.key}]({url}) | {states.get(name, '')} | {human_size(m.total_bytes)} | "
                      f"{_producer(m)} | {headline(m)} |")
+    if DATA in outputs:
+        from rlhf_core.data.prepare import source_summary
+
+        lines += ["", "Data sources (rows read, used per step's train set, oversampled, dropped):", ""]
+        lines += [f"- {label}: {text}" for label, text in source_summary(outputs[DATA].metrics).items()]
     if EVALUATE in outputs:
         m = outputs[EVALUATE]
         lines += ["", f"Report: [{store.url_of(m.stage, m.key, REPORT)}]({store.url_of(m.stage, m.key, REPORT)})"]

@@ -49,7 +49,7 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage(DATA, 2, (), DataSettings, "rlhf_core.data.prepare:run_data_stage", False,
+    Stage(DATA, 3, (), DataSettings, "rlhf_core.data.prepare:run_data_stage", False,
           ("sft/", "reward/", "rl/", "ptx/"), ("rows",), "unify, split and blend the sources"),
     Stage(SFT, 2, (DATA,), SFTSettings, "rlhf_core.trainers.sft:train_sft", True,
           (MODEL, LOGS), ("eval_loss",), "step 1: supervised fine-tuning of the actor"),
@@ -114,13 +114,14 @@ def key_payload(view: Any, path: str = "", parent: Any = None, read: set[str] | 
 
 
 def source_content(src: SourceConfig) -> Any:
-    """A data source's content: its files' hashes as its layout reads them, or the hub dataset's commit."""
-    from rlhf_core.data.adapters import source_files
+    """A data source's content: its files' hashes as its layout reads them, in order and named relative to the
+    source's path (HH-RLHF's subsets all hold a train.jsonl.gz), or the hub dataset's commit."""
+    from rlhf_core.data.adapters import relative_name, source_files
     from rlhf_core.storage.fingerprint import file_fingerprint, hub_revision
 
     if src.path is None:
         return {"hub": src.name, "revision": hub_revision(src.name, kind="dataset")}
-    return {url.rsplit("/", 1)[-1]: file_fingerprint(url) for url in source_files(src)}
+    return [[relative_name(src, url), file_fingerprint(url)] for url in source_files(src)]
 
 
 def key_of_settings(name: str, settings: Section, upstream: dict[str, Manifest]) -> str:

@@ -413,6 +413,64 @@ class OutputWriter:
         return manifest
 
 
+def check_root(root: str, endpoint_url: str | None = None) -> None:
+    """Refuse a store root that cannot be used, before any work: a file where a folder belongs, a folder that
+    cannot be created or written, S3 without credentials, a bucket that cannot be written. Leaves nothing
+    behind (a probe file is removed, folders made for the probe are removed again).
+
+    Raises:
+        ConfigError: naming storage.root, what was wrong and the fix.
+    """
+    from rlhf_core.config import ConfigError
+
+    store = Store(root, endpoint_url)
+    if store.scheme == "file":
+        path = store.root
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"storage.root {store.url} is a file, not a folder; point storage.root at a folder "
+                              "(it is created if it does not exist)")
+        made, p = [], path
+        while not os.path.exists(p):
+            made.append(p)
+            p = os.path.dirname(p)
+        if not os.path.isdir(p):
+            raise ConfigError(f"storage.root {store.url} cannot be created: {p} is a file; point storage.root at a "
+                              "folder")
+        try:
+            os.makedirs(path, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".rlhf-probe-")
+            os.close(fd)
+            os.remove(probe)
+            if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+                raise PermissionError(13, "not readable and writable by this user")
+        except OSError as e:
+            raise ConfigError(f"storage.root {store.url} cannot be used: {e.strerror or e} ({p if made else path}); "
+                              "point storage.root at a folder this user can write") from None
+        finally:
+            for d in made:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
+        return
+    if store.scheme == "s3":
+        import botocore.session
+
+        if botocore.session.Session().get_credentials() is None:
+            raise ConfigError(f"storage.root {store.url} needs AWS credentials and none were found: set "
+                              "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, ~/.aws/credentials, an "
+                              "instance role) in the environment of every process that runs rlhf; they are never "
+                              "read from the config")
+        probe = store.path(f".rlhf-probe-{os.getpid()}-{platform.node()}")
+        try:
+            store.fs.pipe_file(probe, b"")
+            store.fs.rm(probe)
+        except Exception as e:  # botocore and s3fs raise many types (no bucket, denied, no endpoint)
+            raise ConfigError(f"storage.root {store.url} cannot be written ({type(e).__name__}: {e}); check the "
+                              "bucket name, the credentials' permissions and storage.endpoint_url / "
+                              "AWS_ENDPOINT_URL") from None
+
+
 def _sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

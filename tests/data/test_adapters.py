@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlhf_core.config import SourceConfig
-from rlhf_core.data.adapters import LAYOUTS, DataError, convert_rows, load_raw, supported_sources
+from rlhf_core.data.adapters import LAYOUTS, DataError, source_readers, supported_sources
+from rlhf_core.data.convert import canonical_rows
 
 H = lambda q: f" Human: {q} Assistant:"  # noqa: E731
 
@@ -81,7 +82,7 @@ CASES = {
 
 
 def test_every_deepspeed_chat_source_has_a_case():
-    assert set(CASES) | {"local/jsonfile"} == set(LAYOUTS)
+    assert set(CASES) | {"local/jsonfile", "Anthropic/hh-rlhf"} == set(LAYOUTS)
     assert "files" in supported_sources()
 
 
@@ -95,10 +96,9 @@ def test_layout_maps_sample_to_canonical_rows(name, tmp_path):
     if layout.eval_split:
         (folder / f"{layout.eval_split}.jsonl").write_text(json.dumps(raw, ensure_ascii=False) + "\n")
     src = SourceConfig(name=name, path=str(folder))
-    train, evals = load_raw(src)
-    rows = convert_rows(src, train).rows
+    rows = canonical_rows(src)
     assert rows == [{"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": name}]
-    assert (evals is not None) == bool(layout.eval_split)
+    assert bool(source_readers(src).eval) == bool(layout.eval_split)
 
 
 def test_deepspeed_chat_local_jsonfile_layout(tmp_path):
@@ -107,10 +107,9 @@ def test_deepspeed_chat_local_jsonfile_layout(tmp_path):
     (tmp_path / "data" / "train.json").write_text(json.dumps([row]))  # a JSON array works too
     (tmp_path / "data" / "eval.json").write_text(json.dumps(row) + "\n")
     src = SourceConfig(name="local/jsonfile", path=str(tmp_path))
-    train, evals = load_raw(src)
     expect = [{"prompt": " Human: q Assistant:", "chosen": " yes", "rejected": " no", "source": "local/jsonfile"}]
-    assert convert_rows(src, train).rows == expect
-    assert convert_rows(src, evals).rows == expect
+    assert canonical_rows(src) == expect
+    assert canonical_rows(src, "eval") == expect
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv"])
@@ -126,7 +125,7 @@ def test_generic_files_with_column_mapping(fmt, tmp_path):
     else:
         path.write_text("q,good,bad\n" + "".join(f'"{r["q"]}",{r["good"]},{r["bad"]}\n' for r in rows))
     src = SourceConfig(name="files", path=str(path), columns={"prompt": "q", "chosen": "good", "rejected": "bad"})
-    got = convert_rows(src, load_raw(src)[0]).rows
+    got = canonical_rows(src)
     assert got[0] == {"prompt": H("What is 2+2?"), "chosen": " 4", "rejected": " 5", "source": "files"}
     assert got[1]["prompt"] == " Human: hi Assistant:"  # already in the format: kept
 
@@ -137,9 +136,9 @@ def test_files_on_the_store_url(s3_server):
     with fsspec.open("s3://rlhf-test/raw/pairs.jsonl", "w") as f:
         f.write(json.dumps({"q": "x", "a": "y"}) + "\n")
     src = SourceConfig(name="files", path="s3://rlhf-test/raw/pairs.jsonl", columns={"prompt": "q", "chosen": "a"})
-    assert convert_rows(src, load_raw(src)[0]).rows[0]["chosen"] == " y"
+    assert canonical_rows(src)[0]["chosen"] == " y"
 
 
 def test_hub_name_without_a_hub_says_how_to_fix():
     with pytest.raises(DataError, match="could not load 'Dahoas/rm-static' from the hub.*point path:"):
-        load_raw(SourceConfig(name="Dahoas/rm-static"))
+        source_readers(SourceConfig(name="Dahoas/rm-static"))

@@ -7,7 +7,8 @@ from rlhf_core.config import ConfigError
 from rlhf_core.data.adapters import DataError
 from rlhf_core.config.views import DataSettings
 from rlhf_core.data.prepare import build_data as build_settings
-from rlhf_core.data.prepare import load_split, split_by_shares
+from rlhf_core.data.prepare import check_sources, load_split
+from rlhf_core.data.splits import cut_default
 from rlhf_core.stages import registry
 from rlhf_core.storage.store import Store
 from tests.conftest import PROJECT, tiny_config
@@ -36,9 +37,11 @@ def _pairs(n, tag):
 
 
 def test_split_by_shares():
-    assert [len(p) for p in split_by_shares(list(range(10)), (2, 4, 4))] == [2, 4, 4]
-    assert [len(p) for p in split_by_shares(list(range(7)), (1, 1, 1))] == [2, 3, 2]
-    assert sum(map(len, split_by_shares(list(range(101)), (2, 4, 4)))) == 101
+    import numpy as np
+
+    assert [len(p) for p in cut_default(np.arange(10), (2, 4, 4))] == [2, 4, 4]
+    assert [len(p) for p in cut_default(np.arange(7), (1, 1, 1))] == [2, 3, 2]
+    assert sum(map(len, cut_default(np.arange(101), (2, 4, 4)))) == 101
 
 
 def test_tiny_data_stage_splits_without_overlap(tmp_path):
@@ -54,23 +57,51 @@ def test_tiny_data_stage_splits_without_overlap(tmp_path):
     assert sum(used.values()) == 4000 and not used - source  # every source row goes to one stage at most
 
 
-def test_blend_follows_weights(tmp_path):
+def _share_a(table) -> float:
+    return Counter(r["chosen"].split()[-1][0] for r in table)["a"] / len(table)
+
+
+def test_blend_without_weights_keeps_every_row(tmp_path):
+    """200 and 36 SFT rows: all 236 are used once (DeepSpeed-Chat's concatenation), none oversampled."""
+    a = _local(tmp_path, "a", _pairs(200, "a"))
+    b = _local(tmp_path, "b", _pairs(36, "b"))
+    cfg = tiny_config(tmp_path / "store", **{
+        "data.sources": [{"name": "local/jsonfile", "path": a, "stages": ["sft"]},
+                         {"name": "local/jsonfile", "path": b, "stages": ["sft"]},
+                         {"name": "local/jsonfile", "path": _local(tmp_path, "c", _pairs(60, "c"))}]})
+    built = build_data(cfg)
+    sft = built.tables["sft/train"].to_pylist()
+    tags = Counter(r["chosen"].split()[-1][0] for r in sft)
+    assert tags["a"] == 200 and tags["b"] == 36  # every row of the SFT-only sources
+    assert len({r["chosen"] for r in sft}) == len(sft)  # each once
+    assert built.metrics["sources"]["1:local/jsonfile"]["blend"]["sft/train"] == {
+        "rows": 36, "used": 36, "oversampled": 0, "dropped": 0}
+    # The blend is shuffled: the two sources are interleaved, not one after the other.
+    first = [r["chosen"].split()[-1][0] for r in sft[:60]]
+    assert "b" in first and "a" in first
+
+
+def test_blend_follows_weights_and_total(tmp_path):
     a = _local(tmp_path, "a", _pairs(400, "a"))
     b = _local(tmp_path, "b", _pairs(400, "b"))
-    cfg = tiny_config(tmp_path / "store", **{
-        "data.sources": [{"name": "local/jsonfile", "path": a, "weight": 3.0},
-                         {"name": "local/jsonfile", "path": b, "weight": 1.0}],
-        "data.split": "1,1,1", "data.blend": "first_exhausted"})
-    table = build_data(cfg).tables["sft/train"].to_pylist()
-    share_a = Counter(r["chosen"].split()[-1][0] for r in table)["a"] / len(table)
-    assert 0.65 < share_a < 0.85, share_a  # 3:1 weights -> about 0.75
-    # Equal weights flip it to about half: the weights, not the order, decide.
-    cfg2 = tiny_config(tmp_path / "store", **{
-        "data.sources": [{"name": "local/jsonfile", "path": a, "weight": 1.0},
-                         {"name": "local/jsonfile", "path": b, "weight": 1.0}], "data.split": "1,1,1"})
-    table2 = build_data(cfg2).tables["sft/train"].to_pylist()
-    share_a2 = Counter(r["chosen"].split()[-1][0] for r in table2)["a"] / len(table2)
-    assert 0.4 < share_a2 < 0.6, share_a2
+
+    def sft(wa, wb, **extra):
+        cfg = tiny_config(tmp_path / "store", **{
+            "data.sources": [{"name": "local/jsonfile", "path": a, "weight": wa},
+                             {"name": "local/jsonfile", "path": b, "weight": wb}], "data.split": "1,1,1", **extra})
+        built = build_data(cfg)
+        return built.tables["sft/train"].to_pylist(), built.metrics["sources"]
+
+    table, sources = sft(3.0, 1.0)
+    # Each source offers 133 SFT rows; 266 rows at 3:1 are 200 of a (67 oversampled) and 66 of b (67 dropped).
+    assert len(table) == 266 and _share_a(table) == 200 / 266
+    assert sources["0:local/jsonfile"]["blend"]["sft/train"] == {"rows": 133, "used": 133, "oversampled": 67, "dropped": 0}
+    assert sources["1:local/jsonfile"]["blend"]["sft/train"] == {"rows": 133, "used": 66, "oversampled": 0, "dropped": 67}
+    # Negative control: equal weights give half and half; the weights, not the order, decide.
+    table, _ = sft(1.0, 1.0)
+    assert _share_a(table) == 0.5
+    table, _ = sft(1.0, 3.0, **{"data.blend_total.sft": 100})
+    assert len(table) == 100 and _share_a(table) == 0.25
 
 
 def test_sft_only_sources_feed_sft_and_ppo_but_not_reward(tmp_path):
@@ -80,11 +111,24 @@ def test_sft_only_sources_feed_sft_and_ppo_but_not_reward(tmp_path):
     pairs = _local(tmp_path, "pairs", _pairs(60, "p"))
     cfg = tiny_config(tmp_path / "store", **{"data.sources": [
         {"name": "wangrui6/Zhihu-KOL", "path": str(sft_only)}, {"name": "local/jsonfile", "path": pairs}],
-        "data.split": "1,1,1", "data.blend": "all_exhausted"})
+        "data.split": "1,1,1"})
     built = build_data(cfg)
     assert {r["source"] for r in built.tables["reward/train"].to_pylist()} == {"local/jsonfile"}
     assert {r["source"] for r in built.tables["sft/train"].to_pylist()} == {"local/jsonfile", "wangrui6/Zhihu-KOL"}
     assert built.metrics["sources"]["0:wangrui6/Zhihu-KOL"]["reward"]["train_dropped_no_rejected"] > 0
+
+
+def test_a_source_can_feed_only_sft(tmp_path):
+    """DeepSpeed-Chat's --sft_only_data_path: stages: [sft] puts every row of it in SFT and none elsewhere."""
+    only = _local(tmp_path, "only", _pairs(50, "s"), _pairs(10, "s"))
+    cfg = tiny_config(tmp_path / "store", **{"data.sources": [
+        {"name": "local/jsonfile", "path": only, "stages": ["sft"]},
+        {"name": "local/jsonfile", "path": _local(tmp_path, "p", _pairs(60, "p"))}]})
+    built = build_data(cfg)
+    by_stage = {name: Counter(r["chosen"].split()[-1][0] for r in t.to_pylist()) for name, t in built.tables.items()
+                if not name.startswith("ptx")}
+    assert by_stage["sft/train"]["s"] == 50 and by_stage["sft/eval"]["s"] == 10
+    assert all(c["s"] == 0 for name, c in by_stage.items() if not name.startswith("sft"))
 
 
 def test_long_prompts_are_dropped_and_counted(tmp_path):
@@ -128,8 +172,8 @@ def _bad_source(tmp_path, kind):
         ("misnamed", r"missing column\(s\) \['prompt'\]; found \['chosen', 'question', 'rejected'\]"),
         ("empty", r"bad/data/train.json has no rows"),
         ("undecodable", r"train.json: line 21 is not valid UTF-8 .*re-encode the file as UTF-8"),
-        ("wrong_type", r"row 7: column 'chosen' is int \(42\), expected str"),
-        ("equal", r"row 3: chosen equals rejected"),
+        ("wrong_type", r"row 8 \(line 8\): column 'chosen' is int \(42\), expected str"),
+        ("equal", r"row 4 \(line 4\): chosen equals rejected"),
     ],
 )
 def test_bad_source_is_named_and_writes_nothing(tmp_path, kind, message):
@@ -140,18 +184,53 @@ def test_bad_source_is_named_and_writes_nothing(tmp_path, kind, message):
 
 
 def test_invalid_rows_can_be_dropped_and_counted(tmp_path):
+    """A bad pair drops the pair only: the row still serves sft and rl (DeepSpeed-Chat uses its prompt in step 3)."""
     src = _bad_source(tmp_path, "equal")
     cfg = tiny_config(tmp_path / "store", **{
         "data.sources": [{"name": "local/jsonfile", "path": src, "on_invalid": "drop"}], "data.split": "1,1,1"})
     built = build_data(cfg)
-    assert built.metrics["sources"]["0:local/jsonfile"]["invalid_dropped"] == {"chosen_equals_rejected": 1}
+    stats = built.metrics["sources"]["0:local/jsonfile"]
+    assert stats["invalid_dropped"] == {"pairs": {"chosen_equals_rejected": 1}}
+    assert stats["rows"]["train"] == 21  # no row lost
+    rows = [r for t in built.tables.values() for r in t.to_pylist() if "text" not in r]
+    assert all(r["rejected"] != r["chosen"] for r in rows)
 
 
-def test_split_that_empties_a_stage(tmp_path):
+def test_a_bad_answer_keeps_the_prompt_for_rl(tmp_path):
+    d = tmp_path / "src"
+    (d / "data").mkdir(parents=True)
+    good = {"prompt": "Human: describe the cat . Assistant:", "chosen": "the cat is kind .", "rejected": "it is rude ."}
+    rows = [{**good, "chosen": f"the cat is kind . {i}"} for i in range(30)] + [{**good, "prompt": "Human: describe the dog . Assistant:", "chosen": 42}]
+    (d / "data" / "train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "data" / "eval.json").write_text((json.dumps(good) + "\n") * 6)
+    cfg = tiny_config(tmp_path / "store", **{"data.sources": [{"name": "local/jsonfile", "path": str(d), "on_invalid": "drop"}],
+                                             "data.split": "0,0,1"})
+    built = build_data(cfg)
+    assert built.metrics["sources"]["0:local/jsonfile"]["invalid_dropped"] == {"answers": {"wrong_type": 1}}
+    rl = built.tables["rl/train"].to_pylist()
+    dog = [r for r in rl if "dog" in r["prompt"]]
+    assert len(dog) == 1 and dog[0]["chosen"] is None and dog[0]["rejected"] is None
+
+
+def test_a_step_no_source_feeds_is_empty_and_named(tmp_path):
     cfg = tiny_config(tmp_path / "store", **{"data.split": "1,0,1"})
-    with pytest.raises(DataError, match=r"split 1,0,1 leaves the reward stage's train set empty .* give reward a larger share"):
+    m = prepare(cfg)
+    assert m.metrics["stages_without_sources"] == ["reward"] and m.metrics["rows"]["reward/train"] == 0
+    with pytest.raises(DataError, match=r"has no reward/train rows: no source feeds the reward step"):
+        load_split(Store.from_config(cfg.storage), m, "reward/train")
+    assert len(load_split(Store.from_config(cfg.storage), m, "sft/train")) > 0
+    with pytest.raises(DataError, match=r"no source feeds the reward step \(data.split is 1,0,1; .*--until"):
+        check_sources(cfg.data, {"sft", "reward"})
+    check_sources(cfg.data, {"sft"})  # a run up to sft needs no reward data
+
+
+def test_a_fed_step_that_ends_up_empty_stops_the_stage(tmp_path):
+    sft_only = tmp_path / "zhihu.jsonl"
+    sft_only.write_text("".join(json.dumps({"INSTRUCTION": f"q {i}", "RESPONSE": "a ."}) + "\n" for i in range(30)))
+    cfg = tiny_config(tmp_path / "store", **{"data.sources": [{"name": "wangrui6/Zhihu-KOL", "path": str(sft_only)}]})
+    with pytest.raises(DataError, match=r"leaves the reward stage's train set empty .*no_rejected.* give reward a larger share"):
         prepare(cfg)
-    assert not (tmp_path / "store").exists()
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.arrow"))
 
 
 def test_non_positive_weight_is_refused_before_any_work(tmp_path):

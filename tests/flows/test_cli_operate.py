@@ -19,7 +19,7 @@ def no_flow(monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--profile", "nope"], "unknown profile 'nope': known profiles are multi_node, single_gpu, single_node, tiny"),
+    (["--profile", "nope"], "unknown profile 'nope': known profiles are gpu_smoke, multi_node, single_gpu, single_node, tiny"),
     (["--set", "rl.kl.coef"], "override 'rl.kl.coef' must look like key.path=value"),
     (["--set", "rl.kl.coef=[1"], "override 'rl.kl.coef=[1': value is not valid YAML"),
     (["--set", "rl.kl.coef=lots"], "rl.kl.coef: Input should be a valid number"),
