@@ -80,6 +80,17 @@ def measure_device() -> dict:
     return {"matmul_peak_tflops": peak, "copy_tb_s": bw, "device": torch.cuda.get_device_name()}
 
 
+# Each mode is the fast path plus config changes; baseline is DeepSpeed-Chat's path and stays as it is.
+MODES = {
+    "baseline": {"hybrid_engine.enabled": False},
+    "fast": {},
+    "fast_keep": {"hybrid_engine.release_memory": False},  # weights, cache and graphs kept between rollouts
+    "rollout_lp": {"rl.old_logprobs": "rollout"},  # the actor's old log-probs from the sampler, no forward
+    "critic_z0": {"rl.critic.deepspeed.zero_stage": 0},  # one GPU: no ZeRO partitioning of the critic
+    "opt": {"rl.old_logprobs": "rollout", "rl.critic.deepspeed.zero_stage": 0, "rl.actor.deepspeed.zero_stage": 0},
+}
+
+
 def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
     import torch
 
@@ -92,7 +103,7 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
     from rlhf_core.config import ModelSpec
     from rlhf_core.config.views import RLSettings
     from rlhf_core.models.reward_model import RewardMeta
-    from rlhf_core.trainers.experience import Models, make_experience
+    from rlhf_core.trainers.experience import Models, make_experience, sequence_logprobs
     from rlhf_core.trainers.metrics import Timer
     from rlhf_core.trainers.rl import update
 
@@ -109,8 +120,8 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
         "rl.actor.lora.enabled": False, "rl.actor.gradient_checkpointing": False,
         "rl.actor.deepspeed.zero_stage": 2, "rl.critic.deepspeed.zero_stage": 2,
         "rl.actor.optimizer.warmup_steps": 0, "rl.critic.optimizer.warmup_steps": 0,
-        "ema.enabled": False, "mixture.ptx_coef": 0.0, "hybrid_engine.enabled": mode != "baseline",
-        "hybrid_engine.release_memory": mode != "fast_keep"})
+        "ema.enabled": False, "mixture.ptx_coef": 0.0, "hybrid_engine.enabled": True,
+        "hybrid_engine.release_memory": True, **MODES[mode]})
     rl = cfg.rl
     t_setup = time.perf_counter()
     with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes on the host
@@ -134,7 +145,7 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
     ids = torch.randint(3, 50272, (batch, PROMPT), device=dist.device)
     mask = torch.ones_like(ids)
     prompts = [""] * batch
-    rows = []
+    rows, lp_gap = [], {}
     torch.cuda.reset_peak_memory_stats()
     for step in range(steps + 1):
         timer = Timer(dist.device)
@@ -147,11 +158,17 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         assert int(rollout.response_mask.sum()) == batch * ANSWER
+        if step == steps and rollout.logprobs is not None:  # the sampler's log-probs against a forward
+            with torch.no_grad():
+                forward = sequence_logprobs(actor_e, rollout.sequences, rollout.attention_mask, rollout.prompt_len,
+                                            rl.generation.logprob_temperature, rl.train_micro_batch_size)
+            gap = (rollout.logprobs - forward).abs()[rollout.response_mask.bool()]
+            lp_gap = {"logprob_gap_mean": float(gap.mean()), "logprob_gap_max": float(gap.max())}
         if step:  # the first step warms up (graph capture, allocator, cuBLAS heuristics)
             rows.append({"gen_exp": t1 - t0, "train": t2 - t1, "e2e": t2 - t0, **timer.times})
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {"mode": mode, "batch": batch, "micro": rl.train_micro_batch_size, "generation_path": hybrid.path,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **med}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **lp_gap, **med}
 
 
 def greedy_check() -> dict:
@@ -198,8 +215,8 @@ def roofline_tokens_s(batch: int, copy_tb_s: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", nargs="+", default=["baseline", "fast"], choices=["baseline", "fast", "fast_keep"],
-                    help="fast_keep: the fast path keeping its weights, cache and graphs between rollouts")
+    ap.add_argument("--modes", nargs="+", default=["baseline", "fast"], choices=sorted(MODES),
+                    help="the fast path plus config changes (MODES); baseline: transformers generate + DeepSpeed")
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 256])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--micro", type=int, default=16)
@@ -256,6 +273,10 @@ def main() -> None:
         print(f"| {r['mode']} | {r['batch']} | {r['gen_tokens_s']:.0f} | {r['roofline_share']:.0%} | "
               f"{r['train_tflops']:.0f} | {r['peak_share']:.0%} | {r['effective_tflops']:.0f} | {r['samples_s']:.1f} | "
               f"{r['generate']:.2f} | {r.get('score', 0):.2f} | {r['train']:.2f} | {r['peak_gib']:.1f} |")
+    for r in rows:
+        if "logprob_gap_mean" in r:
+            print(f"{r['mode']} {r['batch']}: sampler log-probs vs an actor forward, |diff| mean "
+                  f"{r['logprob_gap_mean']:.4f}, max {r['logprob_gap_max']:.3f} (bf16)")
     for k, v in check.items():
         print(f"greedy vs transformers, {k}: {v['rows_equal']}/{v['rows']} rows identical, {v['tokens_equal']:.1%} tokens")
 

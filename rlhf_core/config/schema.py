@@ -423,6 +423,12 @@ class RLConfig(Section):
     rollout_batch_size: int = Field(16, ge=1, description="Prompts per generation batch per process.")
     generation_batches: int = Field(1, ge=1, description="Generation batches collected per PPO step.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's experience.")
+    old_logprobs: Literal["recompute", "rollout"] = Field(
+        "recompute", description="The actor's log-probs at sampling time. 'recompute': a forward of the actor "
+        "over each rollout (DeepSpeed-Chat); 'rollout': the log-probs the hybrid engine's fast path computed "
+        "while sampling (one actor forward fewer per step; they differ from a forward by bf16 rounding, which "
+        "benchmarks/step3_throughput.py reports). Falls back to 'recompute' where generation took another path."
+    )
     train_micro_batch_size: int = Field(16, ge=1, description="Experience rows per training micro-batch.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Rollout sampling.")
     kl: KLConfig = Field(default_factory=KLConfig, description="The KL penalty against the reference model.")

@@ -340,7 +340,10 @@ def make_experience(m: Models, scorer: RewardScorer, rollout: Rollout, prompts: 
     chunk = rl.train_micro_batch_size  # rows per scoring forward: bounds the [rows, A, vocab] logits
     with timer("score"), torch.no_grad():
         m.actor.eval()
-        old_logprobs = sequence_logprobs(m.actor, seq, att, P, temperature, chunk)
+        if rl.old_logprobs == "rollout" and rollout.logprobs is not None:
+            old_logprobs = rollout.logprobs  # sampled by this actor's weights at this temperature, 0 past the end
+        else:
+            old_logprobs = sequence_logprobs(m.actor, seq, att, P, temperature, chunk)
         with on_device(m.ref, device, m.ref_offloaded) as ref:
             ref_logprobs = sequence_logprobs(ref, seq, att, P, temperature, chunk)
         m.critic.eval()

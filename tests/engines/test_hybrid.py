@@ -2,6 +2,7 @@
 correct sampling distributions, EOS handling, LoRA merging, release, chunking, the family registry and
 fallback."""
 
+import dataclasses
 from dataclasses import fields
 
 import pytest
@@ -299,3 +300,49 @@ def test_rollout_logprobs_equal_a_forward_of_the_model(shape):
     torch.testing.assert_close(rollout.logprobs, want * rollout.response_mask, atol=2e-4, rtol=0)
     wrong = sequence_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.prompt_len, 1.0)
     assert (rollout.logprobs - wrong * rollout.response_mask).abs().max() > 1e-2
+
+
+def test_old_logprobs_from_the_rollout_skip_the_actor_forward():
+    """rl.old_logprobs: rollout takes the fast path's log-probs as they are (no actor forward); recompute, and a
+    rollout without log-probs (the transformers path), run the forward; both agree to rounding on CPU."""
+    from rlhf_core.config import ModelSpec, RLConfig
+    from rlhf_core.models.reward_model import RewardMeta, build_reward_model
+    from rlhf_core.trainers.experience import Models, make_experience
+    from rlhf_core.trainers.metrics import Timer
+
+    model = _model("opt")
+    ids, mask = _prompts()
+    engine = HybridEngine(model, Tok(), GenerationConfig(max_answer_len=8, do_sample=True), HybridEngineConfig(enabled=True))
+    torch.manual_seed(5)
+    rollout = engine.generate(ids, mask)
+    assert rollout.logprobs is not None
+
+    class SizeTok(Tok):
+        bos_token_id = 1
+
+        def __len__(self):
+            return 96
+
+    rm = build_reward_model(ModelSpec(architecture=SHAPES["opt"], tokenizer="stub"), SizeTok()).eval()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    meta = RewardMeta(score_mean=0.0, score_std=1.0, max_seq_len=128, prompt_format="human_assistant", eval_accuracy=0.5)
+    m = Models(model, rm, model, rm, None, Tok(), Tok(), meta)
+
+    def scorer(prompts, r):
+        return torch.zeros(r.sequences.shape[0])
+
+    def old(mode, r):
+        calls.clear()
+        exp, _ = make_experience(m, scorer, r, [""] * 4, RLConfig(old_logprobs=mode, rollout_batch_size=4,
+                                                                  train_micro_batch_size=4), 0.1, Timer(torch.device("cpu")))
+        return exp.old_logprobs, len(calls)
+
+    taken, forwards_rollout = old("rollout", rollout)
+    assert taken is rollout.logprobs
+    recomputed, forwards_recompute = old("recompute", rollout)
+    assert forwards_recompute == forwards_rollout + 1  # the actor's forward, and only it, is skipped
+    torch.testing.assert_close(recomputed * rollout.response_mask, rollout.logprobs, atol=2e-4, rtol=0)
+    fallback, forwards = old("rollout", dataclasses.replace(rollout, logprobs=None))
+    assert forwards == forwards_recompute
+    torch.testing.assert_close(fallback, recomputed)
