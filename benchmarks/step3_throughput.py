@@ -153,19 +153,21 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
         with timer("generate"):
             rollout = hybrid.generate(ids, mask)
         exp, _ = make_experience(m, scorer, rollout, prompts, cfg.rl, 0.1, timer)
-        t1 = time.perf_counter()
-        update(m, exp, RLSettings.from_config(cfg), step, None, timer)
         torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        assert int(rollout.response_mask.sum()) == batch * ANSWER
-        if step == steps and rollout.logprobs is not None:  # the sampler's log-probs against a forward
-            with torch.no_grad():
+        t1 = time.perf_counter()
+        if step == steps and rollout.logprobs is not None:  # the sampler's log-probs against a forward of the
+            with torch.no_grad():  # same weights (before this step's update), untimed
                 forward = sequence_logprobs(actor_e, rollout.sequences, rollout.attention_mask, rollout.prompt_len,
                                             rl.generation.logprob_temperature, rl.train_micro_batch_size)
             gap = (rollout.logprobs - forward).abs()[rollout.response_mask.bool()]
             lp_gap = {"logprob_gap_mean": float(gap.mean()), "logprob_gap_max": float(gap.max())}
+        t_gap = time.perf_counter() - t1
+        update(m, exp, RLSettings.from_config(cfg), step, None, timer)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        assert int(rollout.response_mask.sum()) == batch * ANSWER
         if step:  # the first step warms up (graph capture, allocator, cuBLAS heuristics)
-            rows.append({"gen_exp": t1 - t0, "train": t2 - t1, "e2e": t2 - t0, **timer.times})
+            rows.append({"gen_exp": t1 - t0, "train": t2 - t1 - t_gap, "e2e": t2 - t0 - t_gap, **timer.times})
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {"mode": mode, "batch": batch, "micro": rl.train_micro_batch_size, "generation_path": hybrid.path,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **lp_gap, **med}
