@@ -88,6 +88,7 @@ MODES = {
     "rollout_lp": {"rl.old_logprobs": "rollout"},  # the actor's old log-probs from the sampler, no forward
     "critic_z0": {"rl.critic.deepspeed.zero_stage": 0},  # one GPU: no ZeRO partitioning of the critic
     "opt": {"rl.old_logprobs": "rollout", "rl.critic.deepspeed.zero_stage": 0, "rl.actor.deepspeed.zero_stage": 0},
+    "rollout_lp_mb32": {"rl.old_logprobs": "rollout", "rl.train_micro_batch_size": 32},  # half the optimizer steps
 }
 
 
