@@ -89,6 +89,9 @@ MODES = {
     "critic_z0": {"rl.critic.deepspeed.zero_stage": 0},  # one GPU: no ZeRO partitioning of the critic
     "opt": {"rl.old_logprobs": "rollout", "rl.critic.deepspeed.zero_stage": 0, "rl.actor.deepspeed.zero_stage": 0},
     "rollout_lp_mb32": {"rl.old_logprobs": "rollout", "rl.train_micro_batch_size": 32},  # half the optimizer steps
+    # DeepSpeed-Chat's single_gpu recipe: the actor trains LoRA adapters (r=128 on every linear layer) only
+    "lora": {"rl.actor.lora.enabled": True},
+    "lora_rollout_lp": {"rl.actor.lora.enabled": True, "rl.old_logprobs": "rollout"},
 }
 
 
@@ -106,6 +109,7 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
     from rlhf_core.models.reward_model import RewardMeta
     from rlhf_core.trainers.experience import Models, make_experience, sequence_logprobs
     from rlhf_core.trainers.metrics import Timer
+    from rlhf_core.models.lora import for_training
     from rlhf_core.trainers.rl import update
 
     dist = init_distributed("cuda")
@@ -126,7 +130,8 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
     rl = cfg.rl
     t_setup = time.perf_counter()
     with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes on the host
-        actor = build_causal_lm(ModelSpec(architecture=OPT_1_3B, tokenizer="stub"), SizeTok(), dropout=0.0)
+        actor = for_training(build_causal_lm(ModelSpec(architecture=OPT_1_3B, tokenizer="stub"), SizeTok(), dropout=0.0),
+                             rl.actor.lora, False)
         critic = build_reward_model(ModelSpec(architecture=OPT_350M, tokenizer="stub", init_seed=1), SizeTok(), dropout=0.0)
         ref = build_causal_lm(ModelSpec(architecture=OPT_1_3B, tokenizer="stub"), SizeTok(), dtype=torch.bfloat16).eval()
         reward = build_reward_model(ModelSpec(architecture=OPT_350M, tokenizer="stub", init_seed=1), SizeTok(),
