@@ -10,13 +10,14 @@ from tasks.runner import cache_key_fn, manifest_of, run_stage, store_for
 
 
 @task(name="evaluate", cache_key_fn=cache_key_fn(EVALUATE), persist_result=True, retries=1)
-def evaluate(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest, rl: Manifest,
+def evaluate(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest | None, rl: Manifest,
              export: Manifest) -> Manifest:
-    """Sample the SFT, final and EMA actors on held-out prompts; report reward, win rate, gold reward, KL
-    to SFT and pretraining perplexity as Prefect artifacts and in the store.
+    """Sample the SFT, final and EMA actors on held-out prompts; report reward, win rate (by the reward model and
+    by the gold reward), gold reward, KL to SFT and pretraining perplexity as Prefect artifacts and in the store.
+    ``reward`` is None when eval.reward_model is off.
 
-    Invalidated by (its settings view): the data, SFT, reward, PPO (its training curves) and export outputs'
-    contents, the eval section, the answer length, hybrid_engine (the fast path samples differently), the
+    Invalidated by (its settings view): the data, SFT, reward (when read), step 3 (its training curves) and
+    export outputs' contents, the eval section (eval.gold_reward by its module's content), the answer length, hybrid_engine (the fast path samples differently), the
     prompt format and the corpus block size. Runs once across concurrent runs (stage lease); samples on one
     process, holding one slot of rlhf-gpu when resources.gpu_slots > 0.
     """

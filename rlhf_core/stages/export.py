@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from rlhf_core.config.schema import ALGORITHM_NAMES
 from rlhf_core.config.views import ExportSettings
 from rlhf_core.models.card import model_card
 from rlhf_core.models.causal_lm import load_causal_lm, save_causal_lm
@@ -22,16 +23,28 @@ EXPORTS = {FINAL: ACTOR, EMA: ACTOR_EMA}  # exported name -> folder in the PPO o
 
 
 def about(name: str, rl: Manifest) -> str:
-    """The card's paragraph: what this actor is and how PPO trained it (from the PPO output's settings)."""
+    """The card's paragraph: what this actor is and how step 3 trained it (from its output's settings)."""
     s = rl.config
+    algorithm = s["rl"].get("algorithm", "ppo")
+    label = ALGORITHM_NAMES[algorithm]
     kl, mix = s["rl"]["kl"], s["mixture"]["ptx_coef"]
-    what = ("the final PPO actor" if name == FINAL else
-            f"the exponential moving average of the PPO actor (beta {s['ema']['beta']})")
-    return (f"This is {what}, trained by rlhf-flow with RLHF: SFT, a reward model, then PPO with a KL penalty "
-            f"(coefficient {kl['coef']}, estimator {kl['estimator']}{', adaptive' if kl['adaptive'] else ''}) and a "
+    what = (f"the final {label} actor" if name == FINAL else
+            f"the exponential moving average of the {label} actor (beta {s['ema']['beta']})")
+    if algorithm == "dpo":
+        dpo = s["rl"]["dpo"]
+        how = (f"SFT, then {label} on preference pairs against the SFT model (loss {dpo['loss_type']}, beta "
+               f"{dpo['beta']}, label smoothing {dpo['label_smoothing']})")
+    else:
+        rw = s.get("reward") or {"use_model": True, "function": None}
+        reward = " + ".join((["a reward model"] if rw["use_model"] else []) +
+                            ([f"the rule {rw['function']}"] if rw["function"] else []))
+        how = (f"SFT, then {label} against {reward} with a KL {'loss' if kl.get('use_kl_loss') else 'penalty'} "
+               f"(coefficient {kl['coef']}, estimator {kl['estimator']}{', adaptive' if kl['adaptive'] else ''})"
+               + (f", {s['rl']['n_samples_per_prompt']} answers per prompt" if s["rl"].get("n_samples_per_prompt", 1) > 1 else ""))
+    return (f"This is {what}, trained by rlhf-flow with RLHF: {how}, and a "
             f"pretraining-mixture coefficient of {mix}. LoRA adapters, if any, are merged: load it with "
             f"`AutoModelForCausalLM.from_pretrained(path)`. Prompts follow the `{s['prompt_format']}` format.\n\n"
-            f"Made from the PPO output with content {rl.content_id[:12]} (`rlhf store show` on this export's key "
+            f"Made from the step-3 output with content {rl.content_id[:12]} (`rlhf store show` on this export's key "
             "gives the whole lineage).")
 
 
@@ -47,7 +60,7 @@ def run_export(ctx: StageContext) -> Manifest:
             if src_folder not in folders:
                 continue
             src = ctx.fetch(RL, src_folder)
-            model = load_causal_lm(src, what=f"the PPO {name} actor")
+            model = load_causal_lm(src, what=f"the step-3 {name} actor")
             save_causal_lm(model, load_saved_tokenizer(src), os.path.join(folder, name),
                            dtype=torch_dtype(settings.export.dtype),
                            card=model_card(f"{name} actor", base, about(name, rl), rl.metrics))

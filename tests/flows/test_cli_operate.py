@@ -97,11 +97,25 @@ def test_typed_form_fields_map_onto_dotted_overrides():
         RunParams(rl_max_steps=0)  # the form's bounds hold outside the UI too
 
 
-def test_stage_flows_run_their_stage_and_what_it_is_made_from():
+def test_stage_flows_run_their_stage_and_what_it_is_made_from(tmp_path):
     from rlhf_core.stages import registry as stages
+    from tests.conftest import tiny_config
 
-    assert stages.needed_for("reward") == {"data", "reward"}
-    assert stages.needed_for("rl") == {"data", "sft", "reward", "rl"}
-    assert stages.needed_for("evaluate") == set(stages.ORDER)
+    cfg = tiny_config(tmp_path)
+    assert stages.needed_for("reward", cfg) == {"data", "reward"}
+    assert stages.needed_for("rl", cfg) == {"data", "sft", "reward", "rl"}
+    assert stages.needed_for("evaluate", cfg) == set(stages.ORDER)
     with pytest.raises(ValueError, match="unknown stage 'ppo'; stages are data, sft"):
-        stages.needed_for("ppo")
+        stages.needed_for("ppo", cfg)
+    # DPO learns from the preference pairs: step 3 reads no reward model; evaluation still scores with one
+    dpo = tiny_config(tmp_path, **{"rl.algorithm": "dpo"})
+    assert stages.needed_for("rl", dpo) == {"data", "sft", "rl"}
+    assert stages.needed_for("evaluate", dpo) == set(stages.ORDER)
+    rules = tiny_config(tmp_path, **{"rl.algorithm": "dpo", "eval.reward_model": False})
+    assert stages.needed_for("evaluate", rules) == set(stages.ORDER) - {"reward"}
+    # a rule-based reward alone: GRPO needs no reward model, PPO still starts its critic from one
+    grpo = tiny_config(tmp_path, **{"rl.algorithm": "grpo", "rl.n_samples_per_prompt": 4, "reward.use_model": False,
+                                    "reward.function": "rlhf_core.data.tiny_task:gold_reward"})
+    assert stages.needed_for("rl", grpo) == {"data", "sft", "rl"}
+    ppo = tiny_config(tmp_path, **{"reward.use_model": False, "reward.function": "rlhf_core.data.tiny_task:gold_reward"})
+    assert stages.needed_for("rl", ppo) == {"data", "sft", "reward", "rl"}
