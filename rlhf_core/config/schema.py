@@ -483,6 +483,8 @@ class DPOConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations on reward/eval "
                                    "(end only if empty).")
+    invert_preferences: bool = Field(False, description="Learn the reverse preference, every pair's chosen and "
+                                     "rejected swapped (an ablation control, as rl.reward_scale -1 is for the others).")
 
 
 class RLConfig(Section):

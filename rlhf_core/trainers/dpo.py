@@ -65,6 +65,8 @@ def preference_pairs(ctx: StageContext, split: str, tokenizer) -> tuple[list[Pai
     chosen, dropped = tokenize_pairs(prompts, [render_answer(a, fmt) for a in ds["chosen"]], tokenizer, max_len, True)
     rejected, _ = tokenize_pairs(prompts, [render_answer(a, fmt) for a in ds["rejected"]], tokenizer, max_len, True)
     assert len(chosen) == len(rejected)
+    if settings.rl.dpo.invert_preferences:  # the ablation control
+        chosen, rejected = rejected, chosen
     return list(zip(chosen, rejected)), dropped
 
 
