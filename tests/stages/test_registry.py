@@ -347,3 +347,32 @@ def test_outputs_with_equal_keys_hold_equal_bytes(tmp_path):
         else:
             assert same == registry.ORDER
     assert Store.from_config(tiny_config(tmp_path / "base").storage).has_output(registry.EVALUATE, base["evaluate"].key)
+
+
+def test_function_keyed_fields_are_marked_in_the_schema_and_views():
+    from rlhf_core.config.schema import FUNCTION_KEYED, EvalConfig, RewardConfig
+    from rlhf_core.config.views import RewardSignal, RLSettings
+
+    marked = {f"{cls.__name__}.{n}" for cls in (EvalConfig, RewardConfig, RewardSignal, RLSettings)
+              for n, f in cls.model_fields.items() if f.json_schema_extra == FUNCTION_KEYED}
+    assert marked == {"EvalConfig.gold_reward", "RewardConfig.function", "RewardSignal.function", "RLSettings.gold_reward"}
+
+
+def test_a_stages_inputs_follow_its_settings(tmp_path):
+    """DPO (and a rule-based reward alone, without a critic) reads no reward model: its key does not change
+    with the reward output, and its manifest names no reward input; PPO's does."""
+    from rlhf_core.stages.launch import make_job
+
+    up = _fake_upstream()
+    other_reward = {**up, "reward": up["reward"].model_copy(update={"content_id": "another-reward-model"})}
+    ppo = tiny_config(tmp_path)
+    dpo = tiny_config(tmp_path, **{"rl.algorithm": "dpo"})
+    rule = tiny_config(tmp_path, **{"rl.algorithm": "rloo", "rl.n_samples_per_prompt": 2, "reward.use_model": False,
+                                    "reward.function": "rlhf_core.data.tiny_task:gold_reward"})
+    assert registry.key("rl", ppo, up) != registry.key("rl", ppo, other_reward)
+    for cfg in (dpo, rule):
+        assert registry.inputs("rl", cfg) == ("data", "sft")
+        assert registry.key("rl", cfg, up) == registry.key("rl", cfg, other_reward)
+        assert set(make_job(cfg, "rl", registry.key("rl", cfg, up), up).upstream) == {"data", "sft"}
+    with pytest.raises(ValueError, match="reads the outputs of reward under this config, but none was given"):
+        make_job(ppo, "rl", "k", {k: v for k, v in up.items() if k != "reward"})
