@@ -123,32 +123,37 @@ class Judge:
         return reward_model_contrasts(self.rm, self.rm_tok, n, seed)
 
 
-def reward_model_contrasts(rm, tok, n: int = 300, seed: int = 7) -> dict[str, float]:
-    """Accuracy of a reward model on ``n`` pairs of each contrast kind (``tiny_task.CONTRASTS``) and on
-    independent pairs: the share where it scores the gold reward's choice higher."""
+def score_rows(rm, tok, rows: list[dict[str, str]]):
+    """A reward model's scores of each row's chosen and rejected answer ([N] each): prompt + answer + EOS."""
     import torch
 
-    from rlhf_core.data import tiny_task
     from rlhf_core.models.reward_model import sequence_scores
 
-    def scores(prompts: list[str], answers: list[str]) -> torch.Tensor:
-        rows = [tok(p)["input_ids"] + tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                for p, a in zip(prompts, answers)]
-        T = max(map(len, rows))
-        ids = torch.full((len(rows), T), tok.pad_token_id)
+    def scores(answers: list[str]) -> torch.Tensor:
+        ids_rows = [tok(r["prompt"])["input_ids"] + tok(" " + a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                    for r, a in zip(rows, answers)]
+        T = max(map(len, ids_rows))
+        ids = torch.full((len(ids_rows), T), tok.pad_token_id)
         mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
+        for i, r in enumerate(ids_rows):
             ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
         with torch.no_grad():
             return sequence_scores(rm(ids, mask), mask)
+
+    return scores([r["chosen"] for r in rows]), scores([r["rejected"] for r in rows])
+
+
+def reward_model_contrasts(rm, tok, n: int = 300, seed: int = 7) -> dict[str, float]:
+    """Accuracy of a reward model on ``n`` pairs of each contrast kind (``tiny_task.CONTRASTS``) and on
+    independent pairs: the share where it scores the gold reward's choice higher."""
+    from rlhf_core.data import tiny_task
 
     rng = random.Random(seed)
     out = {}
     for kind in (*tiny_task.CONTRASTS, "independent"):
         rows = (tiny_task.contrast_pairs(rng, kind, n) if kind != "independent" else
                 [tiny_task.sample_pair(rng, shares={}) for _ in range(n)])
-        chosen = scores([r["prompt"] for r in rows], [" " + r["chosen"] for r in rows])
-        rejected = scores([r["prompt"] for r in rows], [" " + r["rejected"] for r in rows])
+        chosen, rejected = score_rows(rm, tok, rows)
         out[kind] = float((chosen > rejected).float().mean())
     return out
 
@@ -197,6 +202,8 @@ def main() -> None:
             rows.append({"algorithm": r[0], "seed": r[1], "inverted": r[2], "final": final, "ema": ema,
                          "ema_answers_identical_to_final": same, "train_seconds": m.metrics.get("train_seconds")})
         sft_gold = sum(judge.base.gold) / len(judge.base.gold)
+    if Path(args.out).exists():  # keep the other algorithms' rows of an earlier run (same data, SFT and reward)
+        rows = [r for r in json.loads(Path(args.out).read_text())["rows"] if r["algorithm"] not in args.algorithms] + rows
     result = {"reward_contrast_accuracy": contrasts, "sft_gold": sft_gold, "prompts": len(judge.prompts),
               "rows": rows, "seconds": round(time.perf_counter() - t0)}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -205,7 +212,7 @@ def main() -> None:
     print("| algorithm | gold gain over SFT, final (mean +- sd over seeds) | EMA | gold win rate | RM win rate | "
           "KL final | KL EMA | EMA answers = final | inverted: gold gain |")
     print("|---" * 9 + "|")
-    for a in args.algorithms:
+    for a in dict.fromkeys(r["algorithm"] for r in rows):
         mine = [r for r in rows if r["algorithm"] == a and not r["inverted"]]
         ctrl = [r for r in rows if r["algorithm"] == a and r["inverted"]]
 

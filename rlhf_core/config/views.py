@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from rlhf_core.config.schema import (CONTENT_KEYED, FUNCTION_KEYED, DataConfig, EMAConfig, EvalConfig, ExportConfig,
+from rlhf_core.config.schema import (CONTENT_KEYED, FUNCTION_KEYED, DataConfig, DPOConfig, EMAConfig, EvalConfig, ExportConfig,
                                      GenerationConfig, HybridEngineConfig, MixtureConfig, ModelSpec, PipelineConfig,
                                      RLConfig, PromptFormat, Section, SFTConfig, TrainStageConfig)
 
@@ -121,7 +121,9 @@ class RLSettings(Section):
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> "RLSettings":
-        return cls(rl=cfg.rl, reward=RewardSignal.of(cfg), ema=cfg.ema, mixture=cfg.mixture,
+        # rl.dpo counts only for DPO: changing it does not re-run PPO (or GRPO...)
+        rl = cfg.rl if cfg.rl.algorithm == "dpo" else cfg.rl.model_copy(update={"dpo": DPOConfig()})
+        return cls(rl=rl, reward=RewardSignal.of(cfg), ema=cfg.ema, mixture=cfg.mixture,
                    ptx=PtxBlocks.of(cfg) if cfg.mixture.ptx_coef > 0 else None, hybrid_engine=cfg.hybrid_engine,
                    prompt_format=cfg.data.prompt_format, max_prompt_tokens=cfg.data.max_prompt_tokens,
                    gold_reward=cfg.eval.gold_reward, world_size=cfg.resources.world_size)

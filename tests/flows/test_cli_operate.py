@@ -119,3 +119,18 @@ def test_stage_flows_run_their_stage_and_what_it_is_made_from(tmp_path):
     assert stages.needed_for("rl", grpo) == {"data", "sft", "rl"}
     ppo = tiny_config(tmp_path, **{"reward.use_model": False, "reward.function": "rlhf_core.data.tiny_task:gold_reward"})
     assert stages.needed_for("rl", ppo) == {"data", "sft", "reward", "rl"}
+
+
+def test_rlhf_config_shows_the_algorithm_keys(capsys):
+    import json
+
+    from flows.cli import main
+
+    assert main(["config", "--profile", "tiny", "--set", "rl.algorithm=grpo", "--set", "rl.n_samples_per_prompt=4",
+                 "--set", "rl.kl.use_kl_loss=true"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["rl"]["algorithm"], cfg["rl"]["n_samples_per_prompt"], cfg["rl"]["kl"]["use_kl_loss"]) == ("grpo", 4, True)
+    assert {"beta", "loss_type", "label_smoothing"} <= set(cfg["rl"]["dpo"])
+    assert {"function", "use_model", "function_weight"} <= set(cfg["reward"])
+    assert main(["config", "--profile", "tiny", "--set", "rl.algorithm=grpo"]) == 2  # refused: n_samples_per_prompt 1
+    assert "rl.n_samples_per_prompt is 1" in capsys.readouterr().err
