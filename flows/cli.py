@@ -61,8 +61,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from rlhf_core.chat import Chat, repl
 
-    chat = Chat(args.model, style=args.style, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                temperature=args.temperature)
+    try:
+        chat = Chat(args.model, style=args.style, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                    temperature=args.temperature)
+    except ValueError as e:  # a style the tokenizer cannot do, a bad --max-new-tokens
+        print(f"rlhf: {e}", file=sys.stderr)
+        return 2
     repl(chat)
     return 0
 
