@@ -3,7 +3,9 @@
     rlhf run --profile tiny [--set rl.kl.coef=0.05 ...] [--until STAGE]
                                                            run the pipeline (finished stages are cache hits)
     rlhf config --profile tiny [--set ...]                 print the validated config
+    rlhf profiles                                          the profiles and what each is for
     rlhf chat --model <store URL or path>                  chat with a trained actor
+    rlhf eval --model PATH_OR_NAME [--profile tiny]        the evaluate stage's report for a model you bring
     rlhf serve --profile tiny [--cron ... | --interval S]   serve deployments (flows/serve.py)
     rlhf store ls|show KEY|gc --keep N                     the store's contents and lineage (flows/store_cli.py)
 """
@@ -34,6 +36,26 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from rlhf_core.config import PROFILES_DIR, profile_purposes
+
+    purposes = profile_purposes()
+    width = max(map(len, purposes), default=0)
+    for name, purpose in purposes.items():
+        print(f"{name:{width}s}  {purpose}")
+    print(f"\n(profiles in {PROFILES_DIR}; `rlhf config --profile NAME` prints one, `--profile FILE.yaml` takes your own)")
+    return 0
+
+
+def _prepare(cfg) -> None:
+    """The environment of a command that runs flows."""
+    if cfg.resources.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU runs
+    from flows.environment import prefect_defaults
+
+    prefect_defaults()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rlhf_core.stages.preflight import preflight
     from rlhf_core.stages.registry import EVALUATE
@@ -41,11 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     params = _params(args)
     cfg = params.config()  # validate before Prefect or any stage starts
     preflight(cfg, args.until)  # the store, a reward.existing, the sources' files, a step without data
-    if cfg.resources.device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU runs
-    from flows.environment import prefect_defaults
-
-    prefect_defaults()
+    _prepare(cfg)
     if args.until == EVALUATE:
         from flows.pipeline import rlhf_pipeline
 
@@ -69,6 +87,49 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return 2
     repl(chat)
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rlhf_core.config import ConfigError
+    from rlhf_core.stages.preflight import preflight
+    from rlhf_core.stages.registry import RL, SFT
+
+    params = _params(args)
+    cfg = params.config()
+    model = _model_ref(args.model)
+    name = args.name or os.path.basename(model.rstrip("/")) or "model"
+    if name == SFT:
+        raise ConfigError(f"--name {name!r} is the SFT actor's row; give the model another --name")
+    out = os.path.abspath(args.out or f"rlhf-eval-{name}")
+    preflight(cfg, RL)
+    _prepare(cfg)
+    from flows.eval_model import eval_model_flow
+
+    table = eval_model_flow(params, model, name, out)
+    metrics = list(table[SFT])
+    print(f"\n{name} beside the profile's SFT actor ({len(table)} models, metrics of the evaluate stage):")
+    print("  " + f"{'model':12s}" + "".join(f"{m:>18s}" for m in metrics))
+    for row_name, row in table.items():
+        print("  " + f"{row_name[:12]:12s}" + "".join(f"{row[m]:18.3f}" if m in row else f"{'n/a':>18s}" for m in metrics))
+    print(f"\nreport  {os.path.join(out, 'report.md')}")
+    return 0
+
+
+def _model_ref(ref: str) -> str:
+    """A model reference as given: a store URL or a local folder must exist (a relative one is taken from the
+    working directory); anything else is a hub name.
+
+    Raises:
+        ConfigError: a URL or a path that is not there.
+    """
+    from rlhf_core.config import ConfigError
+    from rlhf_core.config.profiles import resolve_path
+    from rlhf_core.storage.fingerprint import exists
+
+    ref = resolve_path(ref, "--model", hub_name_allowed=True)
+    if ("://" in ref or os.path.isabs(ref)) and not exists(ref):
+        raise ConfigError(f"--model {ref} does not exist; give an HF model folder, its store URL or a hub name")
+    return ref
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -102,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "--step); default: all")
     run.set_defaults(fn=cmd_run)
     with_profile(sub.add_parser("config", help="print the validated config")).set_defaults(fn=cmd_config)
+    sub.add_parser("profiles", help="list the profiles and what each is for").set_defaults(fn=cmd_profiles)
+    ev = with_profile(sub.add_parser("eval", help="evaluate a model you bring, with the evaluate stage's report"))
+    ev.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                    help="an HF model folder, its store URL (s3://..., file://...) or a hub name")
+    ev.add_argument("--name", help="its row in the report (default: the folder's or hub name's last part)")
+    ev.add_argument("--out", metavar="DIR", help="where report.md, metrics.json, samples.jsonl and plots/ go "
+                    "(default: ./rlhf-eval-NAME)")
+    ev.set_defaults(fn=cmd_eval)
     chat = sub.add_parser("chat", help="chat with a trained actor")
     chat.add_argument("--model", required=True, help="path or store URL of a model folder (e.g. <root>/export/<key>/final)")
     chat.add_argument("--style", choices=typing.get_args(PromptFormat), default="human_assistant",

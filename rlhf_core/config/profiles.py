@@ -34,6 +34,18 @@ def profile_path(profile: str) -> Path:
     raise ConfigError(f"unknown profile {profile!r}: known profiles are {', '.join(known)} (or give a .yaml path)")
 
 
+def profile_purposes() -> dict[str, str]:
+    """Every profile in the profiles folder with its one-line purpose: the first line of its header comment
+    without the ``# name:`` in front (STYLE.md: a profile's header says what it is for)."""
+    out = {}
+    for path in sorted(PROFILES_DIR.glob("*.yaml")):
+        first = next((line for line in path.read_text().splitlines() if line.strip()), "")
+        purpose = first.lstrip("#").strip() if first.startswith("#") else ""
+        head, sep, rest = purpose.partition(":")
+        out[path.stem] = rest.strip() if sep and head.strip() == path.stem else purpose
+    return out
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``'rl.kl.coef=0.05'`` -> ``('rl.kl.coef', 0.05)``; the value is parsed as YAML."""
     if "=" not in text:

@@ -74,3 +74,55 @@ def test_sft_and_reward_ran_at_the_same_time(first_run):
                        datetime.datetime.fromisoformat(m["created_at"]))
     (s1, e1), (s2, e2) = span["sft"], span["reward"]
     assert s1 < e2 and s2 < e1, span
+
+
+# --------------------------------------------------------------------------------- rlhf eval --model
+
+
+def test_rlhf_eval_of_the_exported_actor_gives_the_evaluate_stages_numbers(first_run, prefect_harness, tmp_path):
+    """The evaluation code is shared, not forked: a model the user brings (here the export's final actor, by
+    its folder) gets exactly the row the evaluate stage gave it, in the same report."""
+    import json
+
+    from flows.eval_model import eval_model_flow
+
+    root, _ = first_run
+    final = next((root / "export").glob("*/final"))
+    table = eval_model_flow(RunParams(profile="tiny", storage_root=str(root)), str(final), "final", str(tmp_path))
+    stage = json.loads(next((root / "evaluate").glob("*/metrics.json")).read_text())
+    assert table == {"sft": stage["sft"], "final": stage["final"]}
+    assert json.loads((tmp_path / "metrics.json").read_text()) == table
+    report = (tmp_path / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| model |"))
+    assert header == next(line for line in next((root / "evaluate").glob("*/report.md")).read_text().splitlines()
+                          if line.startswith("| model |"))
+    assert "| final |" in report and (tmp_path / "plots" / "evaluation.png").exists()
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 128
+
+
+def test_rlhf_eval_of_a_model_with_another_vocabulary(first_run, prefect_harness, tmp_path):
+    """Another tokenizer (two words' ids swapped): prompted in its own tokens and scored as text; KL to SFT and
+    the corpus perplexity, which need the SFT actor's tokens, are n/a."""
+    import json
+    import shutil
+
+    from flows.eval_model import eval_model_flow
+    from rlhf_core.config import load_config
+    from rlhf_core.models.causal_lm import build_causal_lm, save_causal_lm
+    from rlhf_core.models.tokenizers import load_tokenizer
+
+    root, _ = first_run
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(PROJECT / "data" / "tiny_tokenizer", tok_dir)
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
+    (tok_dir / "tokenizer.json").write_text(json.dumps(spec))
+    cfg = load_config("tiny", {"models.actor.tokenizer": str(tok_dir)})
+    tok = load_tokenizer(cfg.models.actor)
+    save_causal_lm(build_causal_lm(cfg.models.actor, tok), tok, str(tmp_path / "mine"))
+    table = eval_model_flow(RunParams(profile="tiny", storage_root=str(root)), str(tmp_path / "mine"), "mine",
+                            str(tmp_path / "out"))
+    assert set(table["mine"]) == {"reward_score", "win_rate_vs_sft", "answer_len", "gold_reward"}
+    assert set(table["sft"]) == set(table["mine"]) | {"kl_to_sft", "ptx_perplexity"}
+    assert "| mine |" in (tmp_path / "out" / "report.md").read_text() and "n/a" in (tmp_path / "out" / "report.md").read_text()
