@@ -7,11 +7,11 @@ from rlhf_core.config.schema import (
     ConfigError, Section, StorageConfig, SourceConfig, PtxConfig, DataConfig, ModelSpec, ModelsConfig,
     LoraConfig, DeepSpeedConfig, OptimizerConfig, TrainStageConfig, SFTConfig, RewardConfig,
     ActorCriticTrainConfig, GenerationConfig, KLConfig, RLConfig, EMAConfig, MixtureConfig,
-    HybridEngineConfig, EvalConfig, ExportConfig, ResourcesConfig, ScheduleConfig, PipelineConfig)
+    HybridEngineConfig, EvalConfig, ExportConfig, LoggingConfig, ResourcesConfig, ScheduleConfig, PipelineConfig)
 
 __all__ = [
     "ActorCriticTrainConfig", "ConfigError", "DataConfig", "DeepSpeedConfig", "EMAConfig", "EvalConfig",
-    "ExportConfig", "GenerationConfig", "HybridEngineConfig", "KLConfig", "LoraConfig", "MixtureConfig",
+    "ExportConfig", "GenerationConfig", "HybridEngineConfig", "KLConfig", "LoggingConfig", "LoraConfig", "MixtureConfig",
     "ModelSpec", "ModelsConfig", "OptimizerConfig", "RLConfig", "PROFILES_DIR", "PROJECT_ROOT",
     "PipelineConfig", "PtxConfig", "ResourcesConfig", "RewardConfig", "SFTConfig", "ScheduleConfig",
     "Section", "SourceConfig", "StorageConfig", "TrainStageConfig", "apply_overrides", "load_config",

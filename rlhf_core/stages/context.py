@@ -4,7 +4,7 @@ its output. Every layer that runs a stage reads this module (it imports only con
 ``StageContext.settings`` is the stage's view (rlhf_core/config/views.py), the exact object its cache key
 hashes; there is no way from here to the rest of the config. The run-time resources are named as such:
 the store the output goes to, how many checkpoints to keep (``storage``), the process group (``dist``) and
-the lineage recorded in the manifest (``producer``).
+the lineage recorded in the manifest (``producer``), where curves go besides the store (``logging``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from rlhf_core.config import StorageConfig
+from rlhf_core.config import LoggingConfig, StorageConfig
 from rlhf_core.config.schema import Section
 from rlhf_core.storage.store import Manifest, OutputWriter, Store
 
@@ -48,14 +48,11 @@ class StageContext:
     storage: StorageConfig  # run-time: checkpoints kept, leases
     dist: DistInfo  # run-time: this process's place in the group
     producer: dict[str, Any] = field(default_factory=dict)  # run-time: lineage for the manifest
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # run-time: curves besides the store (wandb)
 
     @property
     def is_main(self) -> bool:
         return self.dist.is_main
-
-    @property
-    def run_id(self) -> str:
-        return self.key[:12]
 
     def log(self, msg: str) -> None:
         if self.is_main:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import fsspec
 from pydantic import BaseModel, Field
 
-from rlhf_core.config import PipelineConfig, ResourcesConfig, StorageConfig
+from rlhf_core.config import LoggingConfig, PipelineConfig, ResourcesConfig, StorageConfig
 from rlhf_core.stages.context import DistInfo, StageContext
 from rlhf_core.stages.registry import Stage, key_of_settings, stage
 from rlhf_core.storage.store import Manifest, Store
@@ -34,10 +34,12 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 
 class Runtime(BaseModel):
-    """Resources that cannot change a stage's output: where it is stored and how it is launched."""
+    """Resources that cannot change a stage's output: where it is stored, how it is launched, where its
+    curves go besides the store."""
 
     storage: StorageConfig
     resources: ResourcesConfig
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 
 class Job(BaseModel):
@@ -54,7 +56,8 @@ def make_job(cfg: PipelineConfig, name: str, key: str, upstream: dict[str, Manif
     """The job of stage ``name``: its settings view cut out of ``cfg``, and the run-time resources."""
     settings = stage(name).settings_of(cfg)
     return Job(stage=name, key=key, settings=settings.model_dump(mode="json"), upstream=upstream,
-               runtime=Runtime(storage=cfg.storage, resources=cfg.resources), producer=producer or {})
+               runtime=Runtime(storage=cfg.storage, resources=cfg.resources, logging=cfg.logging),
+               producer=producer or {})
 
 
 def entry_of(record: Stage) -> Callable[[StageContext], Manifest | None]:
@@ -80,7 +83,7 @@ def context_of(job: Job, dist: DistInfo) -> StageContext:
     producer = {**job.producer, "started_at": started, "host": socket.gethostname(), "world_size": dist.world_size}
     return StageContext(stage=job.stage, version=record.version, key=job.key, settings=settings, upstream=job.upstream,
                         store=Store.from_config(job.runtime.storage), storage=job.runtime.storage, dist=dist,
-                        producer=producer)
+                        producer=producer, logging=job.runtime.logging)
 
 
 def run_job(job: Job) -> Manifest | None:
