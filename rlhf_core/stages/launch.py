@@ -136,11 +136,20 @@ def command(res: ResourcesConfig, stage_name: str, job_url: str) -> list[str]:
     return [sys.executable, *entry]
 
 
+# Third-party progress bars (transformers' "Loading weights", huggingface_hub's downloads) off in workers and
+# in `rlhf` itself: one line per stage's progress is ours (rlhf_core.trainers.metrics.Progress). Users can
+# set it to 0 to see them.
+QUIET = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
 def worker_env(cpu_threads: int | None = None) -> dict[str, str]:
     """The environment of a worker process: this one's, without a launcher's process-group variables, with
-    progress as lines (the task turns them into a progress artifact) and unbuffered output."""
+    progress as lines (the task turns them into a progress artifact), unbuffered output and no third-party
+    progress bars."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(RLHF_PROGRESS="lines", PYTHONUNBUFFERED="1")
+    for name, value in QUIET.items():
+        env.setdefault(name, value)
     for name, value in NO_MULTICAST.items():
         env.setdefault(name, value)
     if cpu_threads:

@@ -265,6 +265,51 @@ class Progress:
             self._bar.close()
 
 
+PROGRESS_EVERY_ENV = "RLHF_PROGRESS_EVERY"  # seconds between a stage's progress lines in `rlhf run` (default 5)
+
+
+class ProgressLines:
+    """The other end of ``Progress`` in lines mode (what ``rlhf run`` shows for a worker): each ``@@progress``
+    payload becomes one readable line at most every ``every`` seconds, and the last one always::
+
+        sft  120/600 [00:21<01:24,  5.71 step/s] loss 1.234
+
+    (tqdm's meter: steps done of the total, time since training started < time left at this rate, the rate,
+    then the stage's metrics). One line per update, prefixed with the stage, so that two stages training at
+    once stay readable in a terminal, a log file and the Prefect UI alike."""
+
+    def __init__(self, stage: str, emit: Callable[[str], None], every: float | None = None):
+        self.stage, self.emit = stage, emit
+        self.every = float(os.environ.get(PROGRESS_EVERY_ENV, "5")) if every is None else every
+        self.t0: float | None = None
+        self.initial = 0
+        self._last = -math.inf
+
+    def feed(self, info: dict[str, Any], now: float | None = None) -> str | None:
+        """Take one payload; returns the line it emitted, if any."""
+        now = time.monotonic() if now is None else now
+        step, total = int(info["step"]), int(info["total"])
+        if self.t0 is None:  # the first payload: training starts here (a resumed stage starts past 0)
+            self.t0, self.initial = now, step
+        done = step >= total
+        if not done and now - self._last < self.every:
+            return None
+        self._last = now
+        line = self.format(info, now - self.t0)
+        self.emit(line)
+        return line
+
+    def format(self, info: dict[str, Any], elapsed: float) -> str:
+        from tqdm import tqdm
+
+        step, total = int(info["step"]), int(info["total"])
+        meter = tqdm.format_meter(step, total, elapsed, prefix=self.stage, unit=" step", initial=self.initial,
+                                  bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
+        extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()
+                         if k not in ("stage", "step", "total"))
+        return f"{meter} {extra}".rstrip()
+
+
 class Timer:
     """Wall time per named phase (device-synchronised), for ``timing/*`` metrics."""
 

@@ -28,10 +28,11 @@ def first_run(tmp_path_factory):
     """`rlhf run --profile tiny` as a user types it (with the store in a temporary folder)."""
     root = tmp_path_factory.mktemp("pipeline-store")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_LOGGING_LEVEL"] = "INFO"  # as a user sees it (the tests' own default is WARNING)
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--set", f"storage.root={root}"],
                           cwd=PROJECT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return root, proc.stdout
+    return root, proc.stdout + proc.stderr
 
 
 def test_first_command_completes_and_reports(first_run):
@@ -42,6 +43,23 @@ def test_first_command_completes_and_reports(first_run):
     report = next((root / "evaluate").glob("*/report.md")).read_text()
     assert "| final |" in report and "| ema |" in report  # the EMA actor is exported and evaluated
     assert any((root / "export").glob("*/ema/model.safetensors"))
+
+
+def test_the_terminal_shows_each_stage_start_progress_and_end_and_no_third_party_bars(first_run):
+    import re
+
+    _, out = first_run
+    for stage in ("data", "sft", "reward", "rl", "export", "evaluate"):
+        assert f"{stage}: started" in out and re.search(rf"{stage}: done in \d+\.\d s", out), stage
+    for stage in ("sft", "reward", "rl", "evaluate"):  # the workers: their start-up and CPU time
+        assert re.search(rf"{stage}: done in [\d.]+ s \(worker: (ready to train in [\d.]+ s, )?[\d.]+ s CPU\)", out)
+    assert re.search(r"sft 600/600 \[[\d:]+<00:00, +[\d.]+ step/s\] loss [\d.]+", out)
+    assert re.search(r"reward 500/500 \[[\d:]+<00:00, +[\d.]+ step/s\] loss [\d.]+ accuracy [\d.]+", out)
+    assert re.search(r"rl \d+/50 \[[\d:]+<[\d:?]+, +[\d.?]+ step/s\] reward [-\d.]+ kl [-\d.]+", out)
+    # One line per update, each prefixed by its task run: sft and reward training at once stay readable.
+    progress = [line for line in out.splitlines() if re.search(r"(sft|reward) \d+/\d+ \[", line)]
+    assert progress and all(re.search(r"Task run 'train-(sft|reward)-\w+' - (sft|reward) \d+/", line) for line in progress)
+    assert "Loading weights" not in out and "Writing model shards" not in out and "%|" not in out
 
 
 def test_second_run_is_all_cache_hits_and_a_ppo_change_reruns_only_what_follows(first_run, prefect_harness):

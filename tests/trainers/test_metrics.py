@@ -104,3 +104,43 @@ def test_wandb_is_off_unless_asked_and_never_required(fake_wandb, monkeypatch):
     assert open_wandb(LoggingConfig(), "sft", "k" * 20, {}, log=said.append) is None
     assert said == ["logging.wandb is on but wandb is not installed (pip install rlhf-flow[wandb]); logging to the "
                     "store only"]
+
+
+# ------------------------------------------------------------------------ progress in the rlhf terminal
+
+
+def test_progress_lines_show_step_total_eta_and_metrics_at_most_every_few_seconds():
+    from rlhf_core.trainers.metrics import ProgressLines
+
+    out = []
+    p = ProgressLines("sft", out.append, every=5)
+    for t, step in ((0, 0), (2, 10), (4, 20), (20, 120), (21, 126)):
+        p.feed({"stage": "sft", "step": step, "total": 600, "loss": 1.2345678}, now=t)
+    p.feed({"stage": "sft", "step": 600, "total": 600, "loss": 0.5}, now=100)  # the last one always
+    assert out == ["sft 0/600 [00:00<?, ? step/s] loss 1.235",
+                   "sft 120/600 [00:20<01:20,  6.00 step/s] loss 1.235",
+                   "sft 600/600 [01:40<00:00,  6.00 step/s] loss 0.5"]
+
+
+def test_progress_of_a_resumed_stage_counts_its_rate_from_where_it_resumed():
+    from rlhf_core.trainers.metrics import ProgressLines
+
+    out = []
+    p = ProgressLines("rl", out.append, every=0)
+    p.feed({"stage": "rl", "step": 20, "total": 50}, now=0)
+    p.feed({"stage": "rl", "step": 30, "total": 50, "reward": 3.25, "kl": 0.125}, now=10)
+    assert out[-1] == "rl 30/50 [00:10<00:20,  1.00 step/s] reward 3.25 kl 0.125"  # not 30 steps in 10 s
+
+
+def test_the_worker_side_emits_what_the_lines_read(monkeypatch, capsys):
+    import json as _json
+
+    from rlhf_core.trainers.metrics import PROGRESS_PREFIX, Progress
+
+    monkeypatch.setenv("RLHF_PROGRESS", "lines")
+    p = Progress("reward", 3)
+    for _ in range(3):
+        p.update(1, loss=0.5, accuracy=0.75)
+    payloads = [_json.loads(line[len(PROGRESS_PREFIX):]) for line in capsys.readouterr().out.splitlines()]
+    assert payloads[0] == {"stage": "reward", "step": 0, "total": 3}
+    assert payloads[-1] == {"stage": "reward", "step": 3, "total": 3, "loss": 0.5, "accuracy": 0.75}
