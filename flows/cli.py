@@ -47,13 +47,24 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(cfg) -> None:
-    """The environment of a command that runs flows."""
+def _with_server(cfg, checks, run):
+    """Run flows the fast way: Prefect's temporary API server (unless PREFECT_API_URL names one) starts first,
+    in a subprocess, while this process runs ``checks()`` and imports what the flows need; ``run()`` starts once
+    it answers. The server goes when the command ends, however it ends."""
+    from flows.environment import TemporaryServer, prefect_defaults
+
     if cfg.resources.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU runs
-    from flows.environment import prefect_defaults
-
     prefect_defaults()
+    server = TemporaryServer.start_unless_configured()
+    try:
+        checks()
+        if server is not None:
+            server.wait()
+        return run()
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -62,17 +73,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     params = _params(args)
     cfg = params.config()  # validate before Prefect or any stage starts
-    preflight(cfg, args.until)  # the store, a reward.existing, the sources' files, a step without data
-    _prepare(cfg)
-    if args.until == EVALUATE:
-        from flows.pipeline import rlhf_pipeline
 
-        summary = rlhf_pipeline(params)
-    else:  # the stage's own flow: the pipeline up to and including it
-        from flows.stage_flows import STAGE_FLOWS
+    def run():
+        if args.until == EVALUATE:
+            from flows.pipeline import rlhf_pipeline
 
-        summary = STAGE_FLOWS[args.until](params)
-    _print_summary(summary)
+            return rlhf_pipeline(params)
+        from flows.stage_flows import STAGE_FLOWS  # the stage's own flow: the pipeline up to and including it
+
+        return STAGE_FLOWS[args.until](params)
+
+    def checks():
+        preflight(cfg, args.until)  # the store, a reward.existing, the sources' files, a step without data
+        import flows.pipeline  # noqa: F401  (torch, transformers, prefect: imported while the server starts)
+
+    _print_summary(_with_server(cfg, checks, run))
     return 0
 
 
@@ -101,11 +116,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if name == SFT:
         raise ConfigError(f"--name {name!r} is the SFT actor's row; give the model another --name")
     out = os.path.abspath(args.out or f"rlhf-eval-{name}")
-    preflight(cfg, RL)
-    _prepare(cfg)
-    from flows.eval_model import eval_model_flow
 
-    table = eval_model_flow(params, model, name, out)
+    def run():
+        from flows.eval_model import eval_model_flow
+
+        return eval_model_flow(params, model, name, out)
+
+    table = _with_server(cfg, lambda: preflight(cfg, RL), run)
     metrics = list(table[SFT])
     print(f"\n{name} beside the profile's SFT actor ({len(table)} models, metrics of the evaluate stage):")
     print("  " + f"{'model':12s}" + "".join(f"{m:>18s}" for m in metrics))

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from rlhf_core.config import LoggingConfig, StorageConfig
 from rlhf_core.config.schema import Section
 from rlhf_core.storage.store import Manifest, OutputWriter, Store
+
+if TYPE_CHECKING:  # torch is imported where a device is made: `rlhf run` of a cached pipeline never needs it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class DistInfo:
     @classmethod
     def single(cls, device: str = "cpu") -> "DistInfo":
         """One process without torch.distributed (stages that run inside their task)."""
+        import torch
+
         return cls(0, 0, 1, torch.device(device))
 
 
@@ -67,6 +70,8 @@ class StageContext:
         """Write the manifest last: the settings view as the config, the inputs, the metrics, the lineage."""
         settings: Section = self.settings
         if self.dist.device.type == "cuda":  # a run-time fact, so the manifest's, never an output file's
+            import torch
+
             metrics = {**metrics, "peak_device_gib": round(torch.cuda.max_memory_allocated(self.dist.device) / 2**30, 2)}
         return out.commit(stage_version=self.version, config=settings.model_dump(mode="json"), upstream=self.upstream,
                           metrics=metrics, producer=self.producer)

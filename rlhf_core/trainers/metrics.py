@@ -22,6 +22,9 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 PROGRESS_PREFIX = "@@progress "
+# Third-party progress bars (transformers' "Loading weights", huggingface_hub's downloads) off in workers and
+# in `rlhf` itself: each stage's own progress lines say it. Set it to 0 in the environment to see them.
+QUIET_PROGRESS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 LIVE_DIR = "live"  # in a stage's output folder while it trains (never an output file)
