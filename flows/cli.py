@@ -1,6 +1,6 @@
 """The ``rlhf`` command.
 
-    rlhf run --profile tiny [--set rl.kl.coef=0.05 ...] [--until STAGE]
+    rlhf run --profile tiny [--set rl.kl.coef=0.05 ...] [--until STAGE] [--resume-from STAGE:step-N]
                                                            run the pipeline (finished stages are cache hits)
     rlhf config --profile tiny [--set ...]                 print the validated config
     rlhf profiles                                          the profiles and what each is for
@@ -83,8 +83,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return STAGE_FLOWS[args.until](params)
 
+    resume = None
+    if args.resume_from:
+        from rlhf_core.config import ConfigError
+        from rlhf_core.stages.registry import needed_for
+        from rlhf_core.stages.rewind import parse_resume_from
+
+        resume = parse_resume_from(args.resume_from)
+        if resume[0] not in needed_for(args.until):
+            raise ConfigError(f"--resume-from {args.resume_from}: this run stops at {args.until}, before {resume[0]}")
+
     def checks():
         preflight(cfg, args.until)  # the store, a reward.existing, the sources' files, a step without data
+        if resume is not None:
+            from rlhf_core.stages.rewind import rewind
+
+            rewind(cfg, *resume, log=lambda msg: print(msg, file=sys.stderr))
         import flows.pipeline  # noqa: F401  (torch, transformers, prefect: imported while the server starts)
 
     _print_summary(_with_server(cfg, checks, run))
@@ -178,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=ORDER, default=ORDER[-1], metavar="STAGE",
                      help=f"run the pipeline up to and including this stage ({', '.join(ORDER)}; DeepSpeed-Chat's "
                      "--step); default: all")
+    run.add_argument("--resume-from", metavar="STAGE:step-N",
+                     help="continue an unfinished training stage from its checkpoint at step N instead of its latest "
+                     "(the later checkpoints are removed); e.g. rl:step-20")
     run.set_defaults(fn=cmd_run)
     with_profile(sub.add_parser("config", help="print the validated config")).set_defaults(fn=cmd_config)
     sub.add_parser("profiles", help="list the profiles and what each is for").set_defaults(fn=cmd_profiles)
