@@ -223,14 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rlhf_core.config import ConfigError
     from rlhf_core.data.adapters import DataError
-    from rlhf_core.models.loading import ModelLoadError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, ModelLoadError) as e:
-        print(f"rlhf: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        # ModelLoadError's module imports torch; a command that never loaded a model (a cached run, config)
+        # never imported it and cannot have raised it.
+        loading = sys.modules.get("rlhf_core.models.loading")
+        if isinstance(e, (ConfigError, DataError)) or (loading is not None and isinstance(e, loading.ModelLoadError)):
+            print(f"rlhf: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":
