@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -52,10 +53,13 @@ class TemporaryServer:
         self.url = f"http://127.0.0.1:{port}/api"
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         self.t0 = time.perf_counter()
+        # Its output goes to a file, not a pipe nobody reads once it is up (a full pipe would block it), and
+        # not the terminal (the API's own error traces are not the run's); a failed start shows its end.
+        self.output = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory", "prefect.server.api.server:create_app",
              "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            env=env, stdout=self.output, stderr=subprocess.STDOUT, text=True)
         os.environ["PREFECT_API_URL"] = self.url
         self.ready_s: float | None = None
 
@@ -85,7 +89,7 @@ class TemporaryServer:
         while time.perf_counter() - self.t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Prefect's temporary API server exited with code {self.proc.returncode}:\n"
-                                   f"{self.proc.stderr.read()[-3000:] if self.proc.stderr else ''}")
+                                   f"{self.tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
@@ -96,10 +100,16 @@ class TemporaryServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             time.sleep(0.1)
+        tail = self.tail()
         self.stop()
-        raise RuntimeError(f"Prefect's temporary API server did not answer within {timeout:.0f} s "
+        raise RuntimeError(f"Prefect's temporary API server did not answer within {timeout:.0f} s:\n{tail}\n"
                            f"(${STARTUP_TIMEOUT_ENV}); on a loaded machine raise it, or run `prefect server start` "
                            "and set PREFECT_API_URL")
+
+    def tail(self, chars: int = 3000) -> str:
+        self.output.flush()
+        self.output.seek(0)
+        return self.output.read()[-chars:]
 
     def stop(self) -> None:
         """Send Prefect's queued logs and events first (as prefect_test_harness does), then end the server."""
@@ -119,6 +129,7 @@ class TemporaryServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.output.close()
         if os.environ.get("PREFECT_API_URL") == self.url:
             del os.environ["PREFECT_API_URL"]
 
