@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_core.config import ConfigError
     from rlhf_core.data.adapters import DataError
 
+    from rlhf_core.trainers.metrics import QUIET_PROGRESS
+
+    for name, value in QUIET_PROGRESS.items():  # no third-party bars (chat and eval load models here)
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -46,3 +46,19 @@ def _free() -> int:
     from flows.environment import free_port
 
     return free_port()
+
+
+def test_rlhf_imports_no_torch_until_a_stage_needs_it():
+    """A cached run and `rlhf config` never load a model: the CLI, the flows and the tasks import no torch
+    (1.9 s of CPU on 2 cores). Negative control: the module that loads models does import it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT
+
+    check = "import sys, {mods}; print('torch' in sys.modules)"
+    light = subprocess.run([sys.executable, "-c", check.format(mods="flows.cli, flows.pipeline, flows.stage_flows")],
+                           cwd=PROJECT, capture_output=True, text=True)
+    heavy = subprocess.run([sys.executable, "-c", check.format(mods="rlhf_core.models.loading")],
+                           cwd=PROJECT, capture_output=True, text=True)
+    assert (light.stdout.strip(), heavy.stdout.strip()) == ("False", "True"), light.stderr + heavy.stderr
