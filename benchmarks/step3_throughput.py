@@ -104,7 +104,8 @@ MODES = {
     "lora_rollout_lp": {"rl.actor.lora.enabled": True, "rl.old_logprobs": "rollout"},
 }
 # everything above that helps, together (and with half the optimizer steps: a different algorithm setting)
-MODES["tuned"] = {**MODES["rollout_lp_z1"], "hybrid_engine.release_memory": False, "hybrid_engine.kv_bucket": 32}
+MODES["tuned_release"] = {**MODES["rollout_lp_z1"], "hybrid_engine.kv_bucket": 32}  # fits an 80 GB card at 256
+MODES["tuned"] = {**MODES["tuned_release"], "hybrid_engine.release_memory": False}
 MODES["tuned_mb32"] = {**MODES["tuned"], "rl.train_micro_batch_size": 32}
 
 
