@@ -86,20 +86,23 @@ def test_a_message_longer_than_the_context_keeps_its_end(random_actor):
     assert isinstance(chat.send(long), str)
 
 
+def scripted(typed):
+    """A ``read`` for ``repl`` that returns the typed lines in turn and raises the exceptions among them."""
+    def read(_prompt):
+        item = next(typed)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+    return read
+
+
 def test_what_users_type_never_ends_the_chat_with_a_traceback(random_actor):
     """Empty lines, unicode, a very long line, a line that is not UTF-8, Ctrl-C during an answer, then EOF."""
     chat = Chat(random_actor, max_new_tokens=4)
     typed = iter(["", "   ", "héllo 猫 🐱 ?", "word " * 5000, UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
                   "describe the cat .", "/reset", "and the dog ?", EOFError()])
     out = []
-
-    def read(_prompt):
-        item = next(typed)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    repl(chat, read=read, write=out.append)
+    repl(chat, read=scripted(typed), write=out.append)
     answers = [o for o in out if o.startswith("Assistant: ")]
     assert len(answers) == 4, out
     assert any("your message was cut to its last" in o for o in out)
@@ -118,14 +121,7 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_history_then_quits_at_the_prompt(r
     monkeypatch.setattr(chat.model, "generate", interrupted)
     typed = iter(["and the dog ?", KeyboardInterrupt()])
     out = []
-
-    def read(_prompt):
-        item = next(typed)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    repl(chat, read=read, write=out.append)
+    repl(chat, read=scripted(typed), write=out.append)
     assert "(answer stopped; the history is as it was)" in out and chat.history == before
 
 

@@ -109,14 +109,17 @@ class MetricsLog:
                 return row[key]
         return None
 
-    def close(self) -> None:
-        """Close the live files and the wandb run (again: nothing)."""
+    def _close_live(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+
+    def close(self) -> None:
+        """Close the live files and the wandb run (again: nothing)."""
+        self._close_live()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
@@ -127,12 +130,7 @@ class MetricsLog:
 
         Wall-clock timings (``timing/*``) stay out: an output's files must be the same bytes whenever its key
         is (they are in the live run directory and, summarised, in the manifest: ``timing_summary``)."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
+        self._close_live()
         os.makedirs(out_dir, exist_ok=True)
         history = [{k: v for k, v in row.items() if not k.startswith("timing/")} for row in self.history]
         files = [os.path.join(out_dir, "metrics.jsonl")]
