@@ -97,6 +97,16 @@ MODES = {
     "critic_z0": {"rl.critic.deepspeed.zero_stage": 0},  # one GPU: no ZeRO partitioning of the critic
     "opt": {"rl.old_logprobs": "rollout", "rl.critic.deepspeed.zero_stage": 0, "rl.actor.deepspeed.zero_stage": 0},
     "rollout_lp_mb32": {"rl.old_logprobs": "rollout", "rl.train_micro_batch_size": 32},  # half the optimizer steps
+    "baseline_mb32": {"hybrid_engine.enabled": False, "rl.train_micro_batch_size": 32},  # its fair comparison
+    # generation: weights, cache and graphs kept between rollouts; finer KV buckets (less unused cache read)
+    "rollout_lp_keep": {"rl.old_logprobs": "rollout", "hybrid_engine.release_memory": False},
+    "rollout_lp_kv32": {"rl.old_logprobs": "rollout", "hybrid_engine.kv_bucket": 32},
+    # training on one GPU: without the contiguous-gradient buffer DeepSpeed runs no per-parameter gradient hook at
+    # ZeRO-1 (about half the Python calls per micro-step, measured on CPU); ZeRO-2 keeps its partitioning hooks
+    "rollout_lp_z1": {"rl.old_logprobs": "rollout", **{f"rl.{m}.deepspeed.{k}": v for m in ("actor", "critic") for k, v in
+                      (("zero_stage", 1), ("extra", {"zero_optimization": {"contiguous_gradients": False}}))}},
+    "rollout_lp_z2nc": {"rl.old_logprobs": "rollout", **{f"rl.{m}.deepspeed.extra": {"zero_optimization": {
+                        "contiguous_gradients": False}} for m in ("actor", "critic")}},
     # DeepSpeed-Chat's single_gpu recipe: the actor trains LoRA adapters (r=128 on every linear layer) only
     "lora": {"rl.actor.lora.enabled": True},
     "lora_rollout_lp": {"rl.actor.lora.enabled": True, "rl.old_logprobs": "rollout"},
@@ -104,6 +114,10 @@ MODES = {
     "grpo": {"rl.algorithm": "grpo", "rl.n_samples_per_prompt": 4, "rl.kl.use_kl_loss": True, "rl.kl.estimator": "k3"},
     "rloo": {"rl.algorithm": "rloo", "rl.n_samples_per_prompt": 4},
 }
+# everything above that helps, together (and with half the optimizer steps: a different algorithm setting)
+MODES["tuned_release"] = {**MODES["rollout_lp_z1"], "hybrid_engine.kv_bucket": 32}  # fits an 80 GB card at 256
+MODES["tuned"] = {**MODES["tuned_release"], "hybrid_engine.release_memory": False}
+MODES["tuned_mb32"] = {**MODES["tuned"], "rl.train_micro_batch_size": 32}
 
 
 def run_one(mode: str, batch: int, steps: int, micro: int, device: str = "cuda", tiny: bool = False) -> dict:
@@ -191,7 +205,7 @@ def run_one(mode: str, batch: int, steps: int, micro: int, device: str = "cuda",
         timer = Timer(dist.device)
         t0 = time.perf_counter()
         with timer("generate"):
-            rollout = hybrid.generate(ids, mask)
+            rollout = hybrid.generate(ids, mask, timer=timer)
         exp, _ = make_experience(m, scorer, rollout, prompts, cfg.rl, 0.1, timer)
         sync()
         t1 = time.perf_counter()
@@ -261,6 +275,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["baseline", "fast"], choices=sorted(MODES),
                     help="the fast path plus config changes (MODES); baseline: transformers generate + DeepSpeed")
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 256])
+    ap.add_argument("--runs", nargs="+", metavar="MODE:BATCH",
+                    help="explicit (mode, batch) pairs, run in this order, instead of --modes x --batches")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--no-check", action="store_true")
@@ -271,20 +287,28 @@ def main() -> None:
         print("@@result " + json.dumps(run_one(**json.loads(args.one))), flush=True)
         return
 
+    pairs = ([(r.split(":")[0], int(r.split(":")[1])) for r in args.runs] if args.runs else
+             [(mode, batch) for mode in args.modes for batch in args.batches])
+    unknown = sorted({mode for mode, _ in pairs} - set(MODES))
+    if unknown:
+        ap.error(f"unknown modes {unknown}; modes are {sorted(MODES)}")
     dev = measure_device()
     rows = []
-    for mode in args.modes:
-        for batch in args.batches:
-            one = {"mode": mode, "batch": batch, "steps": args.steps, "micro": args.micro}
-            t0 = time.time()
-            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True, text=True)
-            found = [l for l in proc.stdout.splitlines() if l.startswith("@@result ")]
-            if proc.returncode or not found:
-                tail = (proc.stderr or proc.stdout)[-600:]
-                rows.append({**one, "error": "OOM" if "out of memory" in tail.lower() else tail})
-            else:
-                rows.append(json.loads(found[-1][len("@@result "):]))
-            print(f"{mode} {batch}: {time.time() - t0:.0f}s {rows[-1].get('e2e', rows[-1].get('error', ''))!s:.80}", flush=True)
+    for mode, batch in pairs:  # one process each; each row is also appended to step3_rows.jsonl as it comes
+        one = {"mode": mode, "batch": batch, "steps": args.steps, "micro": args.micro}
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True, text=True)
+        found = [l for l in proc.stdout.splitlines() if l.startswith("@@result ")]
+        if proc.returncode or not found:
+            tail = (proc.stderr or proc.stdout)[-600:]
+            rows.append({**one, "error": "OOM" if "out of memory" in tail.lower() else tail})
+        else:
+            rows.append(json.loads(found[-1][len("@@result "):]))
+        r = rows[-1]
+        print(f"{mode} {batch}: {time.time() - t0:.0f}s " + (f"step {r['e2e']:.2f}s = generate {r['generate']:.2f} + score "
+              f"{r.get('score', 0):.2f} + train {r['train']:.2f}" if "e2e" in r else r["error"][-300:]), flush=True)
+        with open(os.path.join(args.out, "step3_rows.jsonl"), "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
     check = {} if args.no_check else greedy_check()
 
     L, h, V = OPT_1_3B["num_hidden_layers"], OPT_1_3B["hidden_size"], OPT_1_3B["vocab_size"]
@@ -316,6 +340,15 @@ def main() -> None:
         print(f"| {r['mode']} | {r['batch']} | {r['gen_tokens_s']:.0f} | {r['roofline_share']:.0%} | "
               f"{r['train_tflops']:.0f} | {r['peak_share']:.0%} | {r['effective_tflops']:.0f} | {r['samples_s']:.1f} | "
               f"{r['generate']:.2f} | {r.get('score', 0):.2f} | {r['train']:.2f} | {r['peak_gib']:.1f} |")
+    print("\nPer phase, s per step (generate: the fast path's load / graph capture / prefill / decode / release):")
+    print("| mode | batch | load | capture | prefill | decode | release | actor f+b | actor step | critic f+b | critic step |")
+    print("|---" * 11 + "|")
+    for r in rows:
+        if "error" not in r:
+            cols = ["generate/load", "generate/capture", "generate/prefill", "generate/decode", "generate/release",
+                    "train/actor_forward_backward", "train/actor_step", "train/critic_forward_backward",
+                    "train/critic_step"]
+            print(f"| {r['mode']} | {r['batch']} | " + " | ".join(f"{r[c]:.3f}" if c in r else "-" for c in cols) + " |")
     for r in rows:
         if "logprob_gap_mean" in r:
             print(f"{r['mode']} {r['batch']}: sampler log-probs vs an actor forward, |diff| mean "

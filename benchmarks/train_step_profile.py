@@ -9,6 +9,7 @@ step, then prints torch.profiler's top operators for the step of one configurati
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["actor", "critic"], default="actor")
     ap.add_argument("--zero", type=int, default=2)
     ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--extra", default="{}", help="JSON deep-merged into the DeepSpeed config (deepspeed.extra)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of one step")
     args = ap.parse_args()
     init_distributed("cuda")
@@ -64,7 +66,8 @@ def main() -> None:
     with torch.device("cuda"):
         model = builder(ModelSpec(architecture=arch, tokenizer="stub"), SizeTok(), dropout=0.0)
     opt = OptimizerConfig(lr=1e-6)
-    ds = build_ds_config(DeepSpeedConfig(zero_stage=args.zero, precision="bf16", gradient_clipping=args.clip), opt, 16, 1, 1)
+    ds = build_ds_config(DeepSpeedConfig(zero_stage=args.zero, precision="bf16", gradient_clipping=args.clip,
+                                         extra=json.loads(args.extra)), opt, 16, 1, 1)
     eng = initialize(model, ds, opt, 100)
 
     def fwd_bwd():
@@ -72,16 +75,19 @@ def main() -> None:
         eng.backward((out.logits if hasattr(out, "logits") else out).float().mean())
 
     fb, st = timed_iterations(fwd_bwd, eng.step)
-    print(f"| {name} | {args.zero} | {args.clip} | {fb:.0f} | {st:.0f} |", flush=True)
+    print(f"| {name} | {args.zero} {args.extra} | {args.clip} | {fb:.0f} | {st:.0f} |", flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        fwd_bwd()
-        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fwd_bwd()
+            torch.cuda.synchronize()
+        print("forward+backward:", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                                            max_name_column_width=50))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             eng.step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=22, max_name_column_width=60))
+        print("step:", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The ``rlhf`` command.
 
-    rlhf run --profile tiny [--set rl.kl.coef=0.05 ...] [--until STAGE]
+    rlhf run --profile tiny [--set rl.kl.coef=0.05 ...] [--until STAGE] [--resume-from STAGE:step-N]
                                                            run the pipeline (finished stages are cache hits)
     rlhf config --profile tiny [--set ...]                 print the validated config
+    rlhf profiles                                          the profiles and what each is for
     rlhf chat --model <store URL or path>                  chat with a trained actor
+    rlhf eval --model PATH_OR_NAME [--profile tiny]        the evaluate stage's report for a model you bring
     rlhf serve --profile tiny [--cron ... | --interval S]   serve deployments (flows/serve.py)
     rlhf store ls|show KEY|gc --keep N                     the store's contents and lineage (flows/store_cli.py)
 """
@@ -34,37 +36,132 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profiles(args: argparse.Namespace) -> int:
+    from rlhf_core.config import PROFILES_DIR, profile_purposes
+
+    purposes = profile_purposes()
+    width = max(map(len, purposes), default=0)
+    for name, purpose in purposes.items():
+        print(f"{name:{width}s}  {purpose}")
+    print(f"\n(profiles in {PROFILES_DIR}; `rlhf config --profile NAME` prints one, `--profile FILE.yaml` takes your own)")
+    return 0
+
+
+def _with_server(cfg, checks, run):
+    """Run flows the fast way: Prefect's temporary API server (unless PREFECT_API_URL names one) starts first,
+    in a subprocess, while this process runs ``checks()`` and imports what the flows need; ``run()`` starts once
+    it answers. The server goes when the command ends, however it ends."""
+    from flows.environment import TemporaryServer, prefect_defaults
+
+    if cfg.resources.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU runs
+    prefect_defaults()
+    server = TemporaryServer.start_unless_configured()
+    try:
+        checks()
+        if server is not None:
+            server.wait()
+        return run()
+    finally:
+        if server is not None:
+            server.stop()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rlhf_core.stages.preflight import preflight
     from rlhf_core.stages.registry import EVALUATE
 
     params = _params(args)
     cfg = params.config()  # validate before Prefect or any stage starts
-    preflight(cfg, args.until)  # the store, a reward.existing, the sources' files, a step without data
-    if cfg.resources.device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU runs
-    from flows.environment import prefect_defaults
 
-    prefect_defaults()
-    if args.until == EVALUATE:
-        from flows.pipeline import rlhf_pipeline
+    def run():
+        if args.until == EVALUATE:
+            from flows.pipeline import rlhf_pipeline
 
-        summary = rlhf_pipeline(params)
-    else:  # the stage's own flow: the pipeline up to and including it
-        from flows.stage_flows import STAGE_FLOWS
+            return rlhf_pipeline(params)
+        from flows.stage_flows import STAGE_FLOWS  # the stage's own flow: the pipeline up to and including it
 
-        summary = STAGE_FLOWS[args.until](params)
-    _print_summary(summary)
+        return STAGE_FLOWS[args.until](params)
+
+    resume = None
+    if args.resume_from:
+        from rlhf_core.config import ConfigError
+        from rlhf_core.stages.registry import needed_for
+        from rlhf_core.stages.rewind import parse_resume_from
+
+        resume = parse_resume_from(args.resume_from)
+        if resume[0] not in needed_for(args.until, cfg):
+            raise ConfigError(f"--resume-from {args.resume_from}: this run does not run {resume[0]} (it stops at "
+                              f"{args.until}, or this config's stages do not read it)")
+
+    def checks():
+        preflight(cfg, args.until)  # the store, a reward.existing, the sources' files, a step without data
+        if resume is not None:
+            from rlhf_core.stages.rewind import rewind
+
+            rewind(cfg, *resume, log=lambda msg: print(msg, file=sys.stderr))
+        import flows.pipeline  # noqa: F401  (torch, transformers, prefect: imported while the server starts)
+
+    _print_summary(_with_server(cfg, checks, run))
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from rlhf_core.chat import Chat, repl
 
-    chat = Chat(args.model, style=args.style, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                temperature=args.temperature)
+    try:
+        chat = Chat(args.model, style=args.style, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                    temperature=args.temperature)
+    except ValueError as e:  # a style the tokenizer cannot do, a bad --max-new-tokens
+        print(f"rlhf: {e}", file=sys.stderr)
+        return 2
     repl(chat)
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rlhf_core.config import ConfigError
+    from rlhf_core.stages.preflight import preflight
+    from rlhf_core.stages.registry import RL, SFT
+
+    params = _params(args)
+    cfg = params.config()
+    model = _model_ref(args.model)
+    name = args.name or os.path.basename(model.rstrip("/")) or "model"
+    if name == SFT:
+        raise ConfigError(f"--name {name!r} is the SFT actor's row; give the model another --name")
+    out = os.path.abspath(args.out or f"rlhf-eval-{name}")
+
+    def run():
+        from flows.eval_model import eval_model_flow
+
+        return eval_model_flow(params, model, name, out)
+
+    table = _with_server(cfg, lambda: preflight(cfg, RL), run)
+    metrics = list(table[SFT])
+    print(f"\n{name} beside the profile's SFT actor ({len(table)} models, metrics of the evaluate stage):")
+    print("  " + f"{'model':12s}" + "".join(f"{m:>18s}" for m in metrics))
+    for row_name, row in table.items():
+        print("  " + f"{row_name[:12]:12s}" + "".join(f"{row[m]:18.3f}" if m in row else f"{'n/a':>18s}" for m in metrics))
+    print(f"\nreport  {os.path.join(out, 'report.md')}")
+    return 0
+
+
+def _model_ref(ref: str) -> str:
+    """A model reference as given: a store URL or a local folder must exist (a relative one is taken from the
+    working directory); anything else is a hub name.
+
+    Raises:
+        ConfigError: a URL or a path that is not there.
+    """
+    from rlhf_core.config import ConfigError
+    from rlhf_core.config.profiles import resolve_path
+    from rlhf_core.storage.fingerprint import exists
+
+    ref = resolve_path(ref, "--model", hub_name_allowed=True)
+    if ("://" in ref or os.path.isabs(ref)) and not exists(ref):
+        raise ConfigError(f"--model {ref} does not exist; give an HF model folder, its store URL or a hub name")
+    return ref
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -96,8 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=ORDER, default=ORDER[-1], metavar="STAGE",
                      help=f"run the pipeline up to and including this stage ({', '.join(ORDER)}; DeepSpeed-Chat's "
                      "--step); default: all")
+    run.add_argument("--resume-from", metavar="STAGE:step-N",
+                     help="continue an unfinished training stage from its checkpoint at step N instead of its latest "
+                     "(the later checkpoints are removed); e.g. rl:step-20")
     run.set_defaults(fn=cmd_run)
     with_profile(sub.add_parser("config", help="print the validated config")).set_defaults(fn=cmd_config)
+    sub.add_parser("profiles", help="list the profiles and what each is for").set_defaults(fn=cmd_profiles)
+    ev = with_profile(sub.add_parser("eval", help="evaluate a model you bring, with the evaluate stage's report"))
+    ev.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                    help="an HF model folder, its store URL (s3://..., file://...) or a hub name")
+    ev.add_argument("--name", help="its row in the report (default: the folder's or hub name's last part)")
+    ev.add_argument("--out", metavar="DIR", help="where report.md, metrics.json, samples.jsonl and plots/ go "
+                    "(default: ./rlhf-eval-NAME)")
+    ev.set_defaults(fn=cmd_eval)
     chat = sub.add_parser("chat", help="chat with a trained actor")
     chat.add_argument("--model", required=True, help="path or store URL of a model folder (e.g. <root>/export/<key>/final)")
     chat.add_argument("--style", choices=typing.get_args(PromptFormat), default="human_assistant",
@@ -116,14 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from rlhf_core.config import ConfigError
     from rlhf_core.data.adapters import DataError
-    from rlhf_core.models.loading import ModelLoadError
 
+    from rlhf_core.trainers.metrics import QUIET_PROGRESS
+
+    for name, value in QUIET_PROGRESS.items():  # no third-party bars (chat and eval load models here)
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, ModelLoadError) as e:
-        print(f"rlhf: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        # ModelLoadError's module imports torch; a command that never loaded a model (a cached run, config)
+        # never imported it and cannot have raised it.
+        loading = sys.modules.get("rlhf_core.models.loading")
+        if isinstance(e, (ConfigError, DataError)) or (loading is not None and isinstance(e, loading.ModelLoadError)):
+            print(f"rlhf: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

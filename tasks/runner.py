@@ -13,7 +13,10 @@ takes slots of the Prefect global concurrency limit ``rlhf-gpu``, so that concur
 
 from __future__ import annotations
 
+import os
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from prefect import get_run_logger
@@ -54,7 +57,7 @@ def cache_key_fn(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str |
 
 def cached(manifest: Manifest, store: Store) -> State:
     """The state a task returns for an output that is already complete in the store."""
-    get_run_logger().info("cache hit: %s is complete in the store; nothing to do", store.url_of(manifest.stage, manifest.key))
+    get_run_logger().info("%s: cached (complete in %s)", manifest.stage, store.url_of(manifest.stage, manifest.key))
     return Completed(name="Cached", message=f"complete in {store.url_of(manifest.stage, manifest.key)}", data=manifest)
 
 
@@ -186,20 +189,45 @@ def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest], gp
     store = store_for(cfg)
 
     def run() -> Manifest:
+        logger = _logger()
+        logger.info("%s: started (%s)", stage, registry.stage(stage).title)
+        t0 = time.perf_counter()
         job = make_job(cfg, stage, key, upstream, producer())
-        if not registry.stage(stage).worker or cfg.resources.launcher == "inprocess":
-            run_job(job)
-        else:
-            _stream(command(cfg.resources, stage, write_job(store, job)), stage, cfg)
+        try:
+            if not registry.stage(stage).worker or cfg.resources.launcher == "inprocess":
+                run_job(job)
+                how = ""
+            else:
+                stats = _stream(command(cfg.resources, stage, write_job(store, job)), stage, cfg)
+                how = f" (worker: {stats})"
+        except BaseException:
+            logger.info("%s: failed after %.1f s", stage, time.perf_counter() - t0)
+            raise
         manifest = store.read_manifest(stage, key)
         if manifest is None:
             raise StageFailed(f"{stage} finished without writing {store.url_of(stage, key)}/manifest.json")
+        logger.info("%s: done in %.1f s%s", stage, time.perf_counter() - t0, how)
         return manifest
 
     return run_once(cfg, stage, key, upstream, run, gpu_slots=gpu_slots)
 
 
-def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> None:
+@dataclass
+class WorkerStats:
+    """What a stage's worker cost: from launch to its first progress line (imports, model build, engine set-up)
+    and its CPU time (user + system, its own children included)."""
+
+    startup_s: float | None
+    cpu_s: float
+
+    def __str__(self) -> str:
+        start = f"ready to train in {self.startup_s:.1f} s, " if self.startup_s is not None else ""
+        return f"{start}{self.cpu_s:.1f} s CPU"
+
+
+def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> WorkerStats:
+    """Run a worker, its output into the run logger (third-party noise left out), its progress lines into a
+    progress artifact and readable progress lines; raises StageFailed with its last lines if it fails."""
     import collections
     import json
     import subprocess
@@ -207,12 +235,14 @@ def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> None:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     from rlhf_core.stages.launch import worker_env
-    from rlhf_core.trainers.metrics import PROGRESS_PREFIX
+    from rlhf_core.trainers.metrics import PROGRESS_PREFIX, ProgressLines
 
     logger = get_run_logger()
     logger.info("launching %s: %s", stage, " ".join(cmd))
     artifact = create_progress_artifact(0.0, description=f"{stage}: training progress")
+    lines = ProgressLines(stage, logger.info)
     tail: collections.deque[str] = collections.deque(maxlen=30)
+    t0, ready = time.perf_counter(), None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env=worker_env(cfg.resources.cpu_threads))
     try:
@@ -221,20 +251,26 @@ def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> None:
             line = line.rstrip()
             if line.startswith(PROGRESS_PREFIX):
                 info = json.loads(line[len(PROGRESS_PREFIX):])
+                ready = ready if ready is not None else time.perf_counter() - t0
+                lines.feed(info)
                 update_progress_artifact(artifact, 100.0 * info["step"] / max(info["total"], 1))
                 continue
             if line and not _noise(line):
                 tail.append(line)
                 logger.info(line)
-        code = proc.wait()
+        # wait4, not wait: the worker's CPU time comes with its exit status.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
     except BaseException:
         proc.kill()
         proc.wait()
         raise
     if code != 0:
         raise StageFailed(f"{stage} worker exited with code {code}; last output:\n" + "\n".join(tail))
+    return WorkerStats(ready, usage.ru_utime + usage.ru_stime)
 
 
 def _noise(line: str) -> bool:
-    """DeepSpeed's accelerator chatter and tqdm bars of model writing say nothing a user needs."""
-    return "real_accelerator.py" in line or line.startswith("Writing model shards")
+    """What says nothing a user needs: DeepSpeed's accelerator chatter and third-party progress bars (bars are
+    also turned off in workers: worker_env)."""
+    return "real_accelerator.py" in line or line.startswith(("Writing model shards", "Loading weights"))

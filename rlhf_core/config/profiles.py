@@ -18,6 +18,8 @@ from rlhf_core.config.schema import ConfigError, PipelineConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROFILES_DIR = Path(os.environ.get("RLHF_PROFILES_DIR", PROJECT_ROOT / "profiles"))
+BUNDLED_DIR = PROJECT_ROOT / "data"  # what bundled://NAME names
+BUNDLED = "bundled://"
 
 
 def profile_path(profile: str) -> Path:
@@ -30,6 +32,18 @@ def profile_path(profile: str) -> Path:
         return candidate
     known = sorted(f.stem for f in PROFILES_DIR.glob("*.yaml"))
     raise ConfigError(f"unknown profile {profile!r}: known profiles are {', '.join(known)} (or give a .yaml path)")
+
+
+def profile_purposes() -> dict[str, str]:
+    """Every profile in the profiles folder with its one-line purpose: the first line of its header comment
+    without the ``# name:`` in front (STYLE.md: a profile's header says what it is for)."""
+    out = {}
+    for path in sorted(PROFILES_DIR.glob("*.yaml")):
+        first = next((line for line in path.read_text().splitlines() if line.strip()), "")
+        purpose = first.lstrip("#").strip() if first.startswith("#") else ""
+        head, sep, rest = purpose.partition(":")
+        out[path.stem] = rest.strip() if sep and head.strip() == path.stem else purpose
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -149,32 +163,79 @@ def load_config(profile: str, overrides: dict[str, Any] | list[str] | None = Non
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
     raw = apply_overrides(raw, overrides or {})
-    raw = _resolve_relative_paths(raw, base=PROJECT_ROOT)
+    raw = _resolve_paths(raw)
     return validate_config(raw, source=f"profile {path.name}" + (" with overrides" if overrides else ""))
 
 
-def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Bundled-data paths in profiles (``data/...``) are relative to the project root, not the cwd."""
+# The fields that name files, as (section path, field, what a missing relative name is). Their values are
+# resolved here, once; cache keys hold the files' content (rlhf_core/stages/registry.py), so where the
+# bytes lie never changes a key.
+PATH_FIELDS: tuple[tuple[str, str, bool], ...] = (
+    ("data.sources.*", "path", False), ("data.sources.*", "eval_path", False), ("data.ptx", "path", False),
+    ("models.actor", "tokenizer", True), ("models.actor", "name_or_path", True),
+    ("models.reward", "tokenizer", True), ("models.reward", "name_or_path", True),
+)
 
-    def fix(p: str | None) -> str | None:
-        if p and "://" not in p and not os.path.isabs(p) and p.startswith("data/"):
-            return str(base / p)
-        return p
 
-    data = raw.get("data") or {}
-    for src in data.get("sources") or []:
-        if isinstance(src, dict):
-            for k in ("path", "eval_path"):
-                if k in src:
-                    src[k] = fix(src[k])
-    if isinstance(data.get("ptx"), dict) and "path" in data["ptx"]:
-        data["ptx"]["path"] = fix(data["ptx"]["path"])
-    for role in ("actor", "reward"):
-        spec = (raw.get("models") or {}).get(role)
-        if isinstance(spec, dict):
-            for k in ("tokenizer", "name_or_path"):
-                if k in spec:
-                    spec[k] = fix(spec[k])
+def bundled_names() -> list[str]:
+    """What ``bundled://NAME`` can name: the data shipped in the project's ``data/`` folder."""
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if not p.name.startswith((".", "_")) and p.suffix != ".py")
+
+
+def resolve_path(value: str | None, key: str, hub_name_allowed: bool = False, cwd: Path | None = None) -> str | None:
+    """Where a path in a profile or override points.
+
+    ``bundled://NAME``: the data bundled with rlhf-flow (``data/NAME`` of the project), from any working
+    directory. A URL (``s3://``, ``file://``) or an absolute path: as it is. A relative path: against the
+    working directory, as a shell would take it. For model and tokenizer fields, a relative name that does not
+    exist there and does not start with ``.`` or ``~`` is a hub name (``facebook/opt-1.3b``) and stays one.
+
+    Raises:
+        ConfigError: a bundled name that is not bundled, or a relative path that does not exist, naming the
+            key, the directory it was resolved against and the fix.
+    """
+    if value is None or not isinstance(value, str):
+        return value
+    if value.startswith(BUNDLED):
+        name = value[len(BUNDLED):].strip("/")
+        path = BUNDLED_DIR / name
+        if not name or not path.exists():
+            raise ConfigError(f"{key}: {value!r} is not bundled data: {BUNDLED_DIR} holds "
+                              f"{', '.join(BUNDLED + n for n in bundled_names())}")
+        return str(path)
+    if "://" in value or os.path.isabs(value):
+        return value
+    if value.startswith("~"):
+        return os.path.expanduser(value)
+    base = Path(cwd or os.getcwd())
+    path = base / value
+    if path.exists():
+        return str(path)
+    if hub_name_allowed and not value.startswith("."):
+        return value  # a hub name
+    raise ConfigError(
+        f"{key}: {value!r} does not exist: relative paths are resolved against the working directory {base} "
+        f"(giving {path}); run from the folder that holds it, give an absolute path, or name data bundled with "
+        f"rlhf-flow as bundled://NAME ({', '.join(bundled_names())})"
+    )
+
+
+def _resolve_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """Resolve every path field of a raw config in place (``resolve_path``); returns it."""
+    for section, field, hub in PATH_FIELDS:
+        for where, node in _nodes(raw, section.split(".")):
+            if isinstance(node, dict) and node.get(field) is not None:
+                node[field] = resolve_path(node[field], f"{where}.{field}", hub_name_allowed=hub)
     return raw
 
 
+def _nodes(node: Any, parts: list[str], where: str = "") -> list[tuple[str, Any]]:
+    """The mappings at a dotted section path (``*``: every item of a list), with their dotted names."""
+    if not parts:
+        return [(where, node)]
+    head, rest = parts[0], parts[1:]
+    if head == "*":
+        items = node if isinstance(node, list) else []
+        return [n for i, item in enumerate(items) for n in _nodes(item, rest, f"{where}.{i}")]
+    child = node.get(head) if isinstance(node, dict) else None
+    return _nodes(child, rest, f"{where}.{head}" if where else head) if child is not None else []

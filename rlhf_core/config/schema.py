@@ -699,6 +699,20 @@ class ResourcesConfig(Section):
         return self
 
 
+class LoggingConfig(Section):
+    """Where training curves go besides the stage output (its logs/: metrics.jsonl, TensorBoard events,
+    curves.png). No output depends on it, so no cache key holds it."""
+
+    wandb: bool = Field(
+        False, description="Also log each training stage's metrics to Weights & Biases when the wandb package is "
+        "installed (pip install rlhf-flow[wandb]); RLHF_WANDB=1 or 0 in the environment overrides this. "
+        "Credentials come from wandb's own login or WANDB_API_KEY, never from the config, and are never logged."
+    )
+    wandb_project: str = Field("rlhf-flow", min_length=1, description="W&B project of the runs (one run per stage "
+                               "attempt, grouped by the stage's key).")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user); default: the login's.")
+
+
 class ScheduleConfig(Section):
     """When `rlhf serve` starts the pipeline on its own; `--cron` / `--interval` on the command line win."""
 
@@ -739,6 +753,8 @@ class PipelineConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation of the SFT, final and EMA actors.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="The exported actors.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Devices, processes, launcher.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Training curves besides the store's "
+                                   "(Weights & Biases).")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="When `rlhf serve` starts runs.")
 
     @model_validator(mode="after")

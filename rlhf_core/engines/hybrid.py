@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -140,21 +141,26 @@ class HybridEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int | None = None,
-                 do_sample: bool | None = None) -> Rollout:
-        """Sample answers for left-padded prompts [B, P]; answers are padded to ``max_answer_len``."""
+                 do_sample: bool | None = None, timer=None) -> Rollout:
+        """Sample answers for left-padded prompts [B, P]; answers are padded to ``max_answer_len``. ``timer``
+        (a ``Timer``, optional) times the fast path's phases as ``generate/load``, ``generate/capture``,
+        ``generate/prefill``, ``generate/decode`` and ``generate/release``."""
+        phase = timer if timer is not None else (lambda name: nullcontext())
         A = max_new_tokens or self.gen.max_answer_len
         sample = self.gen.do_sample if do_sample is None else do_sample
         rows, P = min(prompt_ids.shape[0], self.he.max_batch), prompt_ids.shape[1]  # rows: of the largest chunk
         if self.fast is not None and sample == self.gen.do_sample and self._fits(rows, P, P + A):
             self.last_path = "fast"
             model = unwrap(self.engine)
-            self.fast.load(model)  # once per rollout: gathered, LoRA merged, cast
+            with phase("generate/load"):
+                self.fast.load(model)  # once per rollout: gathered, LoRA merged, cast
             try:  # chunks share P and A, so their answers concatenate
-                parts = [self.fast.generate(ids, mask, A, with_logprobs=True)
+                parts = [self.fast.generate(ids, mask, A, with_logprobs=True, timer=timer)
                          for ids, mask in zip(prompt_ids.split(rows), prompt_mask.split(rows))]
             finally:
                 if self.he.release_memory:
-                    self.fast.release()
+                    with phase("generate/release"):
+                        self.fast.release()
             answers, logprobs = (torch.cat(t).to(prompt_ids.device) for t in zip(*parts))
             rollout = self._rollout(torch.cat([prompt_ids, answers], 1), prompt_mask, A)
             return dataclasses.replace(rollout, logprobs=logprobs * rollout.response_mask)

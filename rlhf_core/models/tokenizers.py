@@ -37,14 +37,17 @@ def load_tokenizer(spec: TokenizerSpec | ModelSpec, role: str = "actor", padding
     return tok
 
 
-def load_saved_tokenizer(path: str, padding_side: str = "right"):
-    """The tokenizer a stage saved next to its model (it already carries the pad token chosen then)."""
+def load_saved_tokenizer(path: str, padding_side: str = "right", pad_with_eos: bool = False):
+    """The tokenizer a stage saved next to its model (it already carries the pad token chosen then), or any
+    model's (``pad_with_eos``: one without a pad token pads with its end-of-sequence token)."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(local_copy(path))
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer saved in {path} ({type(e).__name__}: {e})") from None
+    if tok.pad_token is None and pad_with_eos and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
     if tok.pad_token is None:
         raise ModelLoadError(f"the tokenizer saved in {path} has no pad token")
     tok.padding_side = padding_side

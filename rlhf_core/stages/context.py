@@ -4,20 +4,21 @@ its output. Every layer that runs a stage reads this module (it imports only con
 ``StageContext.settings`` is the stage's view (rlhf_core/config/views.py), the exact object its cache key
 hashes; there is no way from here to the rest of the config. The run-time resources are named as such:
 the store the output goes to, how many checkpoints to keep (``storage``), the process group (``dist``) and
-the lineage recorded in the manifest (``producer``).
+the lineage recorded in the manifest (``producer``), where curves go besides the store (``logging``).
 """
 
 from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
-from rlhf_core.config import StorageConfig
+from rlhf_core.config import LoggingConfig, StorageConfig
 from rlhf_core.config.schema import Section
 from rlhf_core.storage.store import Manifest, OutputWriter, Store
+
+if TYPE_CHECKING:  # torch is imported where a device is made: `rlhf run` of a cached pipeline never needs it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class DistInfo:
     @classmethod
     def single(cls, device: str = "cpu") -> "DistInfo":
         """One process without torch.distributed (stages that run inside their task)."""
+        import torch
+
         return cls(0, 0, 1, torch.device(device))
 
 
@@ -48,14 +51,11 @@ class StageContext:
     storage: StorageConfig  # run-time: checkpoints kept, leases
     dist: DistInfo  # run-time: this process's place in the group
     producer: dict[str, Any] = field(default_factory=dict)  # run-time: lineage for the manifest
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # run-time: curves besides the store (wandb)
 
     @property
     def is_main(self) -> bool:
         return self.dist.is_main
-
-    @property
-    def run_id(self) -> str:
-        return self.key[:12]
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -70,6 +70,8 @@ class StageContext:
         """Write the manifest last: the settings view as the config, the inputs, the metrics, the lineage."""
         settings: Section = self.settings
         if self.dist.device.type == "cuda":  # a run-time fact, so the manifest's, never an output file's
+            import torch
+
             metrics = {**metrics, "peak_device_gib": round(torch.cuda.max_memory_allocated(self.dist.device) / 2**30, 2)}
         return out.commit(stage_version=self.version, config=settings.model_dump(mode="json"), upstream=self.upstream,
                           metrics=metrics, producer=self.producer)

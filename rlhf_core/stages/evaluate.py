@@ -25,12 +25,12 @@ from rlhf_core.data.ptx import load_blocks
 from rlhf_core.engines.hybrid import HybridEngine, Rollout, left_pad
 from rlhf_core.models.causal_lm import load_causal_lm
 from rlhf_core.models.reward_model import load_reward_model, reward_meta
-from rlhf_core.models.tokenizers import load_saved_tokenizer
+from rlhf_core.models.tokenizers import load_saved_tokenizer, same_tokenizer
 from rlhf_core.stages.context import StageContext
 from rlhf_core.stages.export import EXPORTS
 from rlhf_core.stages.registry import (DATA, EXPORT, LOGS, METRICS, MODEL, PLOTS, RL, REPORT, REWARD, SAMPLES,
                                        SFT)
-from rlhf_core.storage.store import Manifest
+from rlhf_core.storage.store import Manifest, Store
 from rlhf_core.models.reward_function import RewardFunction
 from rlhf_core.trainers.experience import RewardScorer, answer_texts, gold_function, model_kwargs, tokenize_prompts
 from rlhf_core.trainers.metrics import plot_curves
@@ -77,7 +77,7 @@ def sample_model(model, sft, tok, scorer: RewardScorer | None, prompts: list[str
                  settings: EvaluateSettings, device: torch.device, blocks: torch.Tensor | None,
                  batch: int = 32, gold: RewardFunction | None = None) -> ModelSamples:
     """Answers of ``model`` to every prompt, scored by the reward model (``scorer``) and the gold reward
-    (``gold``; default: eval.gold_reward's), with their exact KL to ``sft``."""
+    (``gold``; default: eval.gold_reward's), with their exact KL to ``sft`` (None: no KL)."""
     gen = settings.generation
     engine = HybridEngine(model, tok, gen, settings.hybrid_engine)
     gold = gold or gold_function(settings.eval.gold_reward)
@@ -90,8 +90,9 @@ def sample_model(model, sft, tok, scorer: RewardScorer | None, prompts: list[str
         out.answers += texts
         if scorer is not None:
             out.scores += scorer(prompts[i:i + batch], rollout).tolist()
-        out.kl += (exact_kl(model, sft, rollout, gen.logprob_temperature).tolist() if model is not sft
-                   else [0.0] * len(texts))
+        if sft is not None:  # None: another vocabulary than the SFT actor's, so no KL to it
+            out.kl += (exact_kl(model, sft, rollout, gen.logprob_temperature).tolist() if model is not sft
+                       else [0.0] * len(texts))
         out.lengths += rollout.response_mask.sum(1).tolist()
         if gold is not None:
             out.gold += gold(prompts[i:i + batch], texts)
@@ -115,7 +116,9 @@ def summarize(samples: dict[str, ModelSamples]) -> dict[str, dict[str, float]]:
             row.update(reward_score=sum(s.scores) / n, win_rate_vs_sft=win_rate(s.scores, base.scores))
         if s.gold is not None:
             row.update(gold_reward=sum(s.gold) / n, gold_win_rate_vs_sft=win_rate(s.gold, base.gold))
-        row.update(kl_to_sft=sum(s.kl) / n, answer_len=sum(s.lengths) / n)
+        if s.kl:
+            row["kl_to_sft"] = sum(s.kl) / n
+        row["answer_len"] = sum(s.lengths) / n
         if s.ptx_perplexity is not None:
             row["ptx_perplexity"] = s.ptx_perplexity
         table[name] = row
@@ -124,61 +127,87 @@ def summarize(samples: dict[str, ModelSamples]) -> dict[str, dict[str, float]]:
 
 def run_evaluate(ctx: StageContext) -> Manifest | None:
     settings: EvaluateSettings = ctx.settings
-    device = ctx.dist.device
     if not ctx.is_main:  # evaluation is one process's work; the others only keep the launcher happy
         return None
-    up = ctx.upstream
-    sft_path = ctx.fetch(SFT, MODEL)
-    export = up[EXPORT]
+    export = ctx.upstream[EXPORT]
+    actors = {name: ctx.fetch(EXPORT, name) for name in EXPORTS
+              if any(f.path.startswith(f"{name}/") for f in export.files)}
+    reward_path = ctx.fetch(REWARD, MODEL) if settings.reads_reward_output else None
+    table, rows = evaluate_actors(ctx.store, settings, ctx.upstream[DATA], ctx.fetch(SFT, MODEL), reward_path, actors,
+                                  ctx.dist.device)
+    return ctx.write_output(lambda folder: write_evaluation(folder, ctx.store, ctx.upstream, settings, table, rows),
+                            {"models": table, "prompts": len(rows)})
+
+
+def evaluate_actors(store: Store, settings: EvaluateSettings, data: Manifest, sft_path: str, reward_path: str | None,
+                    actors: dict[str, str], device: torch.device) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+    """Sample the SFT actor and every one of ``actors`` (name -> local path, store URL or hub name) on the
+    data output's held-out PPO prompts and score them: the evaluate stage's table (model -> metric -> value)
+    and its per-prompt rows. An actor with another vocabulary than the SFT actor's is prompted in its own
+    tokens and scored by the reward model through text; KL to SFT and the corpus perplexity (whose tokens
+    are the SFT actor's) are then left out of its row. Without ``reward_path`` (eval.reward_model off) the gold
+    reward alone judges.
+
+    Raises:
+        ModelLoadError: an actor or its tokenizer cannot be loaded.
+    """
     tok = load_saved_tokenizer(sft_path, padding_side="left")
-    scorer = None
-    if settings.reads_reward_output:
-        reward_path = ctx.fetch(REWARD, MODEL)
+    rm = scorer = None
+    if reward_path is not None:
         rm = load_reward_model(reward_path).to(device).eval()
-        scorer = RewardScorer(rm, load_saved_tokenizer(reward_path), tok, settings.prompt_format,
-                              reward_meta(reward_path).max_seq_len, device)
-    prompts = list(load_split(ctx.store, up[DATA], f"{RL}/eval")["prompt"])[: settings.eval.num_prompts]
+        reward_tok, max_len = load_saved_tokenizer(reward_path), reward_meta(reward_path).max_seq_len
+        scorer = RewardScorer(rm, reward_tok, tok, settings.prompt_format, max_len, device)
+    prompts = list(load_split(store, data, f"{RL}/eval")["prompt"])[: settings.eval.num_prompts]
     prompt_ids = tokenize_prompts(prompts, tok, settings.prompt_format)
     blocks = None
-    if any(f.path == "ptx/eval.arrow" for f in up[DATA].files):
-        blocks = load_blocks(ctx.store, up[DATA], tok, settings.ptx_block_tokens, settings.eval.ptx_blocks, split="eval")
+    if any(f.path == "ptx/eval.arrow" for f in data.files):
+        blocks = load_blocks(store, data, tok, settings.ptx_block_tokens, settings.eval.ptx_blocks, split="eval")
 
     sft = load_causal_lm(sft_path, what="the SFT actor").to(device).eval()
     samples = {SFT: sample_model(sft, sft, tok, scorer, prompts, prompt_ids, settings, device, blocks)}
-    for name in EXPORTS:
-        if any(f.path.startswith(f"{name}/") for f in export.files):
-            model = load_causal_lm(ctx.fetch(EXPORT, name), what=f"the {name} actor").to(device).eval()
+    for name, path in actors.items():
+        model = load_causal_lm(path, what=f"the {name} actor").to(device).eval()
+        own = load_saved_tokenizer(path, padding_side="left", pad_with_eos=True)
+        if same_tokenizer(own, tok):
             samples[name] = sample_model(model, sft, tok, scorer, prompts, prompt_ids, settings, device, blocks)
-            del model
+        else:
+            own_scorer = RewardScorer(rm, reward_tok, own, settings.prompt_format, max_len, device) if rm else None
+            samples[name] = sample_model(model, None, own, own_scorer, prompts,
+                                         tokenize_prompts(prompts, own, settings.prompt_format), settings, device, None)
+        del model
     table = summarize(samples)
     rows = [{"prompt": p, **{f"{n}_answer": s.answers[i] for n, s in samples.items()},
              **({f"{n}_score": s.scores[i] for n, s in samples.items()} if scorer is not None else {}),
              **({f"{n}_gold": s.gold[i] for n, s in samples.items()} if samples[SFT].gold is not None else {})}
             for i, p in enumerate(prompts)]
-
-    def write(folder: str) -> None:
-        os.makedirs(os.path.join(folder, PLOTS))
-        plots = _plots(ctx, table, os.path.join(folder, PLOTS))
-        with open(os.path.join(folder, SAMPLES), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        with open(os.path.join(folder, METRICS), "w") as f:
-            f.write(json.dumps(table, indent=2, sort_keys=True) + "\n")
-        with open(os.path.join(folder, REPORT), "w") as f:
-            f.write(render_report(settings, table, rows, plots))
-
-    return ctx.write_output(write, {"models": table, "prompts": len(prompts)})
+    return table, rows
 
 
-def _plots(ctx: StageContext, table: dict[str, dict[str, float]], folder: str) -> dict[str, str]:
+def write_evaluation(folder: str, store: Store, upstream: dict[str, Manifest], settings: EvaluateSettings,
+                     table: dict[str, dict[str, float]], rows: list[dict[str, Any]]) -> None:
+    """The evaluation's files in ``folder``: report.md, metrics.json, samples.jsonl and plots/ (the training
+    curves of the ``upstream`` stages that have them, and the evaluation's bars)."""
+    os.makedirs(os.path.join(folder, PLOTS), exist_ok=True)
+    plots = _plots(store, upstream, table, os.path.join(folder, PLOTS))
+    with open(os.path.join(folder, SAMPLES), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(folder, METRICS), "w") as f:
+        f.write(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    with open(os.path.join(folder, REPORT), "w") as f:
+        f.write(render_report(settings, table, rows, plots))
+
+
+def _plots(store: Store, upstream: dict[str, Manifest], table: dict[str, dict[str, float]],
+           folder: str) -> dict[str, str]:
     """Training curves of each upstream training stage (from their metric logs) and a bar chart of the
     evaluation, as PNGs in ``folder``; returns title -> file name."""
     plots = {}
     for stage, keys in ((RL, CURVE_KEYS), (SFT, None), (REWARD, None)):
-        if stage not in ctx.upstream:  # no reward model was read
+        m = upstream.get(stage)
+        if m is None:
             continue
-        m = ctx.upstream[stage]
         try:
-            raw = ctx.store.read_bytes(m.stage, m.key, f"{LOGS}/metrics.jsonl")
+            raw = store.read_bytes(m.stage, m.key, f"{LOGS}/metrics.jsonl")
         except FileNotFoundError:
             continue
         history = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
@@ -200,7 +229,8 @@ def _bars(table: dict[str, dict[str, float]], path: str) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics), 2.8))
     for ax, metric in zip(axes, metrics):
         names = list(table)
-        ax.bar(names, [table[n][metric] for n in names], color=["#999999", "#3b75af", "#e1812c"][: len(names)])
+        ax.bar(names, [table[n].get(metric, math.nan) for n in names],
+               color=["#999999", "#3b75af", "#e1812c", "#3a923a"][: len(names)])
         ax.set_title(metric, fontsize=9)
         ax.tick_params(labelsize=8)
     fig.tight_layout()
@@ -221,11 +251,14 @@ def render_report(settings: EvaluateSettings, table: dict[str, dict[str, float]]
              "ties half. KL to SFT is exact over the vocabulary, summed per answer.", "",
              "| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[m]:.3f}" for m in metrics) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{row[m]:.3f}" if m in row else "n/a" for m in metrics) + " |")
+    if any(m not in row for row in table.values() for m in metrics):
+        lines += ["", "n/a: that model's tokenizer is not the SFT actor's, so it has no KL to SFT and no perplexity on "
+                  "the corpus as the SFT actor's tokens cut it; its answers are scored by the reward model as text."]
     lines += ["", "## Plots", ""]
     lines += [f"- [{title}]({PLOTS}/{name})" for title, name in plots.items()]
     lines += ["", "## Samples", ""]
-    names = [n for n in (SFT, *EXPORTS) if f"{n}_answer" in rows[0]]
+    names = list(table)
     lines.append("| prompt | " + " | ".join(names) + " |")
     lines.append("|---" * (len(names) + 1) + "|")
     judge = "score" if f"{SFT}_score" in rows[0] else "gold"

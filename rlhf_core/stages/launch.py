@@ -20,10 +20,11 @@ from typing import Any, Callable
 import fsspec
 from pydantic import BaseModel, Field
 
-from rlhf_core.config import PipelineConfig, ResourcesConfig, StorageConfig
+from rlhf_core.config import LoggingConfig, PipelineConfig, ResourcesConfig, StorageConfig
 from rlhf_core.stages.context import DistInfo, StageContext
 from rlhf_core.stages.registry import Stage, key_of_settings, stage
 from rlhf_core.storage.store import Manifest, Store
+from rlhf_core.trainers.metrics import QUIET_PROGRESS
 
 ENTRY = "rlhf_core.stages.launch"
 # Set by a launcher for its own processes; a worker must get fresh ones from its own launcher.
@@ -34,10 +35,12 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 
 class Runtime(BaseModel):
-    """Resources that cannot change a stage's output: where it is stored and how it is launched."""
+    """Resources that cannot change a stage's output: where it is stored, how it is launched, where its
+    curves go besides the store."""
 
     storage: StorageConfig
     resources: ResourcesConfig
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 
 class Job(BaseModel):
@@ -61,7 +64,8 @@ def make_job(cfg: PipelineConfig, name: str, key: str, upstream: dict[str, Manif
         raise ValueError(f"stage {name} reads the outputs of {', '.join(missing)} under this config, but none was given")
     upstream = {up: upstream[up] for up in reads}
     return Job(stage=name, key=key, settings=settings.model_dump(mode="json"), upstream=upstream,
-               runtime=Runtime(storage=cfg.storage, resources=cfg.resources), producer=producer or {})
+               runtime=Runtime(storage=cfg.storage, resources=cfg.resources, logging=cfg.logging),
+               producer=producer or {})
 
 
 def entry_of(record: Stage) -> Callable[[StageContext], Manifest | None]:
@@ -87,7 +91,7 @@ def context_of(job: Job, dist: DistInfo) -> StageContext:
     producer = {**job.producer, "started_at": started, "host": socket.gethostname(), "world_size": dist.world_size}
     return StageContext(stage=job.stage, version=record.version, key=job.key, settings=settings, upstream=job.upstream,
                         store=Store.from_config(job.runtime.storage), storage=job.runtime.storage, dist=dist,
-                        producer=producer)
+                        producer=producer, logging=job.runtime.logging)
 
 
 def run_job(job: Job) -> Manifest | None:
@@ -142,9 +146,12 @@ def command(res: ResourcesConfig, stage_name: str, job_url: str) -> list[str]:
 
 def worker_env(cpu_threads: int | None = None) -> dict[str, str]:
     """The environment of a worker process: this one's, without a launcher's process-group variables, with
-    progress as lines (the task turns them into a progress artifact) and unbuffered output."""
+    progress as lines (the task turns them into a progress artifact), unbuffered output and no third-party
+    progress bars."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(RLHF_PROGRESS="lines", PYTHONUNBUFFERED="1")
+    for name, value in QUIET_PROGRESS.items():
+        env.setdefault(name, value)
     for name, value in NO_MULTICAST.items():
         env.setdefault(name, value)
     if cpu_threads:
@@ -175,4 +182,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The output and its manifest are written and the process group has met its last barrier: skip the
+    # interpreter's teardown (torch, DeepSpeed and gloo take 1-2 s of it on 2 cores, per worker).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -58,18 +58,18 @@ class Stage:
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage(DATA, 3, (), DataSettings, "rlhf_core.data.prepare:run_data_stage", False,
           ("sft/", "reward/", "rl/", "ptx/"), ("rows",), "unify, split and blend the sources"),
-    Stage(SFT, 2, (DATA,), SFTSettings, "rlhf_core.trainers.sft:train_sft", True,
+    Stage(SFT, 3, (DATA,), SFTSettings, "rlhf_core.trainers.sft:train_sft", True,
           (MODEL, LOGS), ("eval_loss",), "step 1: supervised fine-tuning of the actor"),
-    Stage(REWARD, 2, (DATA,), RewardSettings, "rlhf_core.trainers.reward:train_reward", True,
+    Stage(REWARD, 3, (DATA,), RewardSettings, "rlhf_core.trainers.reward:train_reward", True,
           (MODEL, LOGS), ("eval_accuracy",), "step 2: the reward model"),
     # No reward model with DPO, or with a rule-based reward alone (PPO still starts its critic from one).
-    Stage(RL, 3, (DATA, SFT, REWARD), RLSettings, "rlhf_core.trainers.rl:train_rl", True,
+    Stage(RL, 4, (DATA, SFT, REWARD), RLSettings, "rlhf_core.trainers.rl:train_rl", True,
           (ACTOR, ACTOR_EMA, CRITIC, LOGS), ("gold_last", "reward_last", "eval_accuracy"),
           "step 3: reinforcement learning of the actor (PPO, GRPO, RLOO, REINFORCE++ or DPO)",
           optional={REWARD: lambda s: s.reads_reward_output}),
-    Stage(EXPORT, 2, (RL,), ExportSettings, "rlhf_core.stages.export:run_export", False,
+    Stage(EXPORT, 4, (RL,), ExportSettings, "rlhf_core.stages.export:run_export", False,
           (FINAL, EMA), ("models",), "the final and EMA actors as plain HF models"),
-    Stage(EVALUATE, 3, (DATA, SFT, REWARD, RL, EXPORT), EvaluateSettings, "rlhf_core.stages.evaluate:run_evaluate",
+    Stage(EVALUATE, 4, (DATA, SFT, REWARD, RL, EXPORT), EvaluateSettings, "rlhf_core.stages.evaluate:run_evaluate",
           True, (REPORT, METRICS, SAMPLES, PLOTS), ("gold_win_rate_vs_sft", "win_rate_vs_sft", "gold_reward", "reward_score"),
           "samples and scores of the SFT, final and EMA actors", optional={REWARD: lambda s: s.reads_reward_output}),
 ]}

@@ -296,6 +296,19 @@ class Store:
         cache = Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf")) / f"rank{rank}"
         return self.fetch(stage, key, rel, cache_dir=str(cache))
 
+    def drop_checkpoints_after(self, stage: str, key: str, step: int) -> list[int]:
+        """Remove the checkpoints (complete or not) after ``step``, latest first and each marker before its
+        files, so that ``step`` is the latest complete one whatever moment this is stopped at. Returns the
+        steps removed."""
+        steps = sorted((int(m.group(1)) for name in self._ls_names(self.output_path(stage, key, CHECKPOINTS))
+                        if (m := _STEP_RE.match(name)) and int(m.group(1)) > step), reverse=True)
+        for later in steps:
+            marker = posixpath.join(self.checkpoint_path(stage, key, later), COMPLETE)
+            if self.fs.exists(marker):
+                self.fs.rm(marker)
+            self.fs.rm(self.checkpoint_path(stage, key, later), recursive=True)
+        return steps
+
     def delete_checkpoints(self, stage: str, key: str) -> None:
         path = self.output_path(stage, key, CHECKPOINTS)
         if self.fs.exists(path):

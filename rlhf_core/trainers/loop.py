@@ -104,7 +104,7 @@ def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> tuple[MetricsLog, Tra
                 log.log(step, row)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 log.log(step, {f"eval/{k}": v for k, v in spec.evaluate().items()})
-            progress.update(1, **{k: v for k, v in row.items() if k == "loss"})
+            progress.update(1, **{k: v for k, v in row.items() if k in ("loss", "accuracy")})
             if step % cfg.checkpoint_every == 0 and step < total:
                 state.global_step, state.epoch, state.pos = step, epoch, mi + 1
                 if spec.extra_state is not None:

@@ -15,7 +15,7 @@ from rlhf_core.data.formats import render_answer, render_prompt
 from rlhf_core.data.prepare import load_split
 from rlhf_core.engines.training import build_ds_config, initialize
 from rlhf_core.maths.algos import masked_mean_var
-from rlhf_core.models.card import base_name, model_card
+from rlhf_core.models.card import CardMeta, base_name, hub_base, hub_datasets, model_card
 from rlhf_core.models.lora import for_training, merge_lora
 from rlhf_core.models.reward_model import RewardMeta, build_reward_model, save_reward_model, sequence_scores
 from rlhf_core.models.tokenizers import load_tokenizer
@@ -139,7 +139,12 @@ def train_reward(ctx: StageContext) -> Manifest | None:
     def write(folder: str) -> None:
         skeleton = merge_lora(load_into_skeleton(_build(settings, tokenizer, for_export=True), weights))
         save_reward_model(skeleton, tokenizer, os.path.join(folder, MODEL), meta,
-                          card=model_card("Reward model", base_name(settings.reward_model), metrics=metrics))
+                          card=model_card("Reward model", base_name(settings.reward_model), metrics=metrics,
+                                          meta=CardMeta(task=("text-classification", "Preference ranking"),
+                                                        base_model=hub_base(settings.reward_model),
+                                                        datasets=hub_datasets(ctx.upstream[DATA].config),
+                                                        tags=("reward-model",),
+                                                        results={"eval_accuracy": ("accuracy", "held-out pair accuracy")})))
         log.export(os.path.join(folder, LOGS), f"Reward model {ctx.key[:8]}")
 
     manifest = ctx.write_output(write, metrics)

@@ -210,7 +210,7 @@ def train_rl(ctx: StageContext) -> Manifest | None:
             rows = [i for i in schedule[pos * rl.generation_batches + g][dist.rank] for _ in range(n)]
             ids, mask = left_pad([prompt_ids[i] for i in rows], m.actor_tok.pad_token_id, dist.device)
             with timer("generate"):  # 1 generate rollouts
-                rollout = hybrid.generate(ids, mask)
+                rollout = hybrid.generate(ids, mask, timer=timer)
             paths[hybrid.path] = paths.get(hybrid.path, 0) + 1
             texts = [prompts[i] for i in rows]
             exp, score = make_experience(m, scorer, rollout, texts, rl, kl_ctl.value, timer, function,  # 2-4

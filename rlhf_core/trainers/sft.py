@@ -15,7 +15,7 @@ from rlhf_core.data.formats import render_answer, render_prompt
 from rlhf_core.data.prepare import load_split
 from rlhf_core.data.ptx import PtxSchedule, load_blocks
 from rlhf_core.engines.training import build_ds_config, initialize
-from rlhf_core.models.card import base_name, model_card
+from rlhf_core.models.card import CardMeta, base_name, hub_base, hub_datasets, model_card
 from rlhf_core.models.loading import torch_dtype
 from rlhf_core.models.causal_lm import build_causal_lm, save_causal_lm
 from rlhf_core.models.lora import for_training
@@ -172,12 +172,21 @@ def train_sft(ctx: StageContext) -> Manifest | None:
     def write(folder: str) -> None:
         skeleton = load_into_skeleton(_build_actor(settings, tokenizer, for_export=True), weights)
         save_causal_lm(skeleton, tokenizer, os.path.join(folder, MODEL), dtype=dtype,
-                       card=model_card("SFT actor", base_name(settings.actor), metrics=metrics))
+                       card=model_card("SFT actor", base_name(settings.actor), metrics=metrics, meta=card_meta(ctx)))
         log.export(os.path.join(folder, LOGS), f"SFT {ctx.key[:8]}")
 
     manifest = ctx.write_output(write, metrics)
     log.close()
     return manifest
+
+
+def card_meta(ctx: StageContext) -> CardMeta:
+    """The SFT card's metadata: the actor's hub base and the hub datasets it was tuned on (the export's card
+    takes them from here), its held-out loss and perplexity."""
+    settings: SFTSettings = ctx.settings
+    return CardMeta(base_model=hub_base(settings.actor), datasets=hub_datasets(ctx.upstream[DATA].config),
+                    tags=("sft",), results={"eval_loss": ("loss", "held-out loss"),
+                                            "eval_perplexity": ("perplexity", "held-out perplexity")})
 
 
 def _build_actor(settings: SFTSettings, tokenizer, ds_config: dict | None = None, for_export: bool = False):

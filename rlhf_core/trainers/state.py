@@ -14,7 +14,7 @@ import torch
 from rlhf_core.engines.training import barrier
 from rlhf_core.stages.context import StageContext
 from rlhf_core.storage.checkpoint import capture_rng, load_tree, restore_rng, save_tree
-from rlhf_core.trainers.metrics import MetricsLog
+from rlhf_core.trainers.metrics import MetricsLog, live_dir, open_wandb
 
 TRAINER_STATE = "trainer_state_rank{rank}"
 
@@ -122,7 +122,14 @@ def resume(ctx: StageContext, engines: dict[str, Any]) -> tuple[TrainState, Metr
         state = TrainState()
     else:
         state.resumed_from.append(state.global_step)
-    log = MetricsLog(ctx.stage, ctx.run_id, ctx.is_main, history=state.history)
+    live, wandb_run = None, None
+    if ctx.is_main:
+        live = live_dir(ctx.store, ctx.stage, ctx.key)
+        ctx.log(f"live metrics: {live} (tensorboard --logdir {live})")
+        wandb_run = open_wandb(ctx.logging, ctx.stage, ctx.key, {"stage": ctx.stage, "key": ctx.key,
+                                                                 **ctx.settings.model_dump(mode="json")},
+                               group=ctx.producer.get("flow_run_name"), log=ctx.log)
+    log = MetricsLog(ctx.stage, ctx.is_main, history=state.history, live=live, wandb_run=wandb_run)
     state.history = log.history  # one list: what the log appends, the next checkpoint saves
     return state, log
 

@@ -157,3 +157,81 @@ def test_config_choices_match_the_maths_registries():
     assert {load_config("tiny", {"rl.algorithm": a, "rl.n_samples_per_prompt": 2}).rl.advantage_estimator
             for a in algorithms} == set(ADVANTAGE_ESTIMATORS)
     assert set(schema.ALGORITHM_NAMES) == set(typing.get_args(schema.RLAlgorithm))
+
+
+# ------------------------------------------------------------------------------------------------ paths
+
+
+def test_bundled_profiles_load_from_any_working_directory(tmp_path, monkeypatch):
+    from rlhf_core.config.profiles import BUNDLED_DIR
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny")
+    assert cfg.data.sources[0].path == str(BUNDLED_DIR / "tiny_task")
+    assert cfg.data.ptx.path == str(BUNDLED_DIR / "ptx_corpus.txt")
+    assert cfg.models.actor.tokenizer == str(BUNDLED_DIR / "tiny_tokenizer")
+
+
+def test_a_relative_path_resolves_against_the_working_directory_not_the_checkout(tmp_path, monkeypatch):
+    import shutil
+
+    from rlhf_core.config.profiles import BUNDLED_DIR
+
+    (tmp_path / "data").mkdir()
+    shutil.copy(BUNDLED_DIR / "ptx_corpus.txt", tmp_path / "data" / "ptx_corpus.txt")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", ["data.ptx.path=data/ptx_corpus.txt"])
+    assert cfg.data.ptx.path == str(tmp_path / "data" / "ptx_corpus.txt")
+    # The checkout holds data/ptx_corpus.txt too, but the user's relative path never reaches it: from a folder
+    # without the file, the same override is refused (negative control of the above).
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert (BUNDLED_DIR.parent / "data" / "ptx_corpus.txt").exists()
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", ["data.ptx.path=data/ptx_corpus.txt"])
+    msg = str(e.value)
+    assert "data.ptx.path: 'data/ptx_corpus.txt' does not exist" in msg
+    assert f"resolved against the working directory {tmp_path / 'elsewhere'}" in msg and "bundled://" in msg
+
+
+def test_a_missing_relative_source_names_the_directory_it_was_resolved_against(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.sources\.0\.path: 'data/mine' does not exist: relative paths are "
+                                          r"resolved against the working directory " + str(tmp_path)):
+        load_config("tiny", ["data.sources.0.path=data/mine"])
+
+
+def test_an_unknown_bundled_name_lists_what_is_bundled():
+    with pytest.raises(ConfigError, match=r"'bundled://nope' is not bundled data: .* holds bundled://ptx_corpus.txt, "
+                                          r"bundled://tiny_task, bundled://tiny_tokenizer"):
+        load_config("tiny", ["data.ptx.path=bundled://nope"])
+
+
+def test_hub_names_stay_hub_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("single_gpu")
+    assert cfg.models.actor.name_or_path == "facebook/opt-1.3b"
+    (tmp_path / "facebook" / "opt-1.3b").mkdir(parents=True)  # a local folder of that name wins, as in a shell
+    assert load_config("single_gpu").models.actor.name_or_path == str(tmp_path / "facebook" / "opt-1.3b")
+    with pytest.raises(ConfigError, match="models.actor.name_or_path: './my-model' does not exist"):
+        load_config("single_gpu", ["models.actor.name_or_path=./my-model"])
+
+
+def test_the_same_bytes_give_the_same_keys_from_any_place(tmp_path, monkeypatch):
+    """Cache keys hold content: the bundled data and a user's copy of it under a relative path, loaded from
+    another working directory, give the same data key; a changed byte gives another."""
+    import shutil
+
+    from rlhf_core.config.profiles import BUNDLED_DIR
+    from rlhf_core.stages import registry
+
+    for name in ("tiny_task", "tiny_tokenizer", "ptx_corpus.txt"):
+        copy = shutil.copytree if (BUNDLED_DIR / name).is_dir() else shutil.copy
+        copy(BUNDLED_DIR / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    mine = ["data.sources.0.path=tiny_task", "data.ptx.path=ptx_corpus.txt", "models.actor.tokenizer=tiny_tokenizer"]
+    bundled, copied = load_config("tiny"), load_config("tiny", mine)
+    assert copied.data.sources[0].path == str(tmp_path / "tiny_task")
+    assert registry.key("data", bundled) == registry.key("data", copied)
+    (tmp_path / "ptx_corpus.txt").write_text((tmp_path / "ptx_corpus.txt").read_text() + "one more line .\n")
+    assert registry.key("data", bundled) != registry.key("data", load_config("tiny", mine))

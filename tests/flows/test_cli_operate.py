@@ -124,8 +124,6 @@ def test_stage_flows_run_their_stage_and_what_it_is_made_from(tmp_path):
 def test_rlhf_config_shows_the_algorithm_keys(capsys):
     import json
 
-    from flows.cli import main
-
     assert main(["config", "--profile", "tiny", "--set", "rl.algorithm=grpo", "--set", "rl.n_samples_per_prompt=4",
                  "--set", "rl.kl.use_kl_loss=true"]) == 0
     cfg = json.loads(capsys.readouterr().out)
@@ -134,3 +132,38 @@ def test_rlhf_config_shows_the_algorithm_keys(capsys):
     assert {"function", "use_model", "function_weight"} <= set(cfg["reward"])
     assert main(["config", "--profile", "tiny", "--set", "rl.algorithm=grpo"]) == 2  # refused: n_samples_per_prompt 1
     assert "rl.n_samples_per_prompt is 1" in capsys.readouterr().err
+
+
+def test_rlhf_profiles_lists_each_profile_with_its_purpose(monkeypatch, tmp_path, capsys):
+    import rlhf_core.config.profiles as profiles
+
+    (tmp_path / "mine.yaml").write_text("# mine: my own runs on the lab box.\n# Tried on: ...\nname: mine\n")
+    (tmp_path / "bare.yaml").write_text("name: bare\n")
+    (tmp_path / "other.yaml").write_text("# a header that does not start with the name\nname: other\n")
+    monkeypatch.setattr(profiles, "PROFILES_DIR", tmp_path)
+    assert main(["profiles"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["bare   ", "mine   my own runs on the lab box.",
+                         "other  a header that does not start with the name"]
+
+
+def test_the_bundled_profiles_each_say_what_they_are_for(capsys):
+    assert main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny         the whole pipeline on a laptop CPU, offline, in minutes." in out
+    assert "single_gpu   DeepSpeed-Chat's \"single GPU\" deployment" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nowhere/model"], "--model /nowhere/model does not exist"),
+    (["--model", "./not-here"], "--model: './not-here' does not exist: relative paths are resolved against"),
+    (["--model", "facebook/opt-125m", "--name", "sft"], "--name 'sft' is the SFT actor's row"),
+])
+def test_rlhf_eval_refuses_bad_input_before_any_work(monkeypatch, tmp_path, capsys, args, message):
+    import flows.eval_model
+
+    monkeypatch.setattr(flows.eval_model, "eval_model_flow", lambda *a, **k: pytest.fail("the evaluation started"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", *args, "--set", f"storage.root={tmp_path / 'store'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rlhf: ") and message in err

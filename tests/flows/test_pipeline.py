@@ -28,10 +28,11 @@ def first_run(tmp_path_factory):
     """`rlhf run --profile tiny` as a user types it (with the store in a temporary folder)."""
     root = tmp_path_factory.mktemp("pipeline-store")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_LOGGING_LEVEL"] = "INFO"  # as a user sees it (the tests' own default is WARNING)
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--set", f"storage.root={root}"],
                           cwd=PROJECT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return root, proc.stdout
+    return root, proc.stdout + proc.stderr
 
 
 def test_first_command_completes_and_reports(first_run):
@@ -42,6 +43,23 @@ def test_first_command_completes_and_reports(first_run):
     report = next((root / "evaluate").glob("*/report.md")).read_text()
     assert "| final |" in report and "| ema |" in report  # the EMA actor is exported and evaluated
     assert any((root / "export").glob("*/ema/model.safetensors"))
+
+
+def test_the_terminal_shows_each_stage_start_progress_and_end_and_no_third_party_bars(first_run):
+    import re
+
+    _, out = first_run
+    for stage in ("data", "sft", "reward", "rl", "export", "evaluate"):
+        assert f"{stage}: started" in out and re.search(rf"{stage}: done in \d+\.\d s", out), stage
+    for stage in ("sft", "reward", "rl", "evaluate"):  # the workers: their start-up and CPU time
+        assert re.search(rf"{stage}: done in [\d.]+ s \(worker: (ready to train in [\d.]+ s, )?[\d.]+ s CPU\)", out)
+    assert re.search(r"sft 600/600 \[[\d:]+<00:00, +[\d.]+ step/s\] loss [\d.]+", out)
+    assert re.search(r"reward 500/500 \[[\d:]+<00:00, +[\d.]+ step/s\] loss [\d.]+ accuracy [\d.]+", out)
+    assert re.search(r"rl \d+/50 \[[\d:]+<[\d:?]+, +[\d.?]+ step/s\] reward [-\d.]+ kl [-\d.]+", out)
+    # One line per update, each prefixed by its task run: sft and reward training at once stay readable.
+    progress = [line for line in out.splitlines() if re.search(r"(sft|reward) \d+/\d+ \[", line)]
+    assert progress and all(re.search(r"Task run 'train-(sft|reward)-\w+' - (sft|reward) \d+/", line) for line in progress)
+    assert "Loading weights" not in out and "Writing model shards" not in out and "%|" not in out
 
 
 def test_second_run_is_all_cache_hits_and_a_ppo_change_reruns_only_what_follows(first_run, prefect_harness):
@@ -74,3 +92,55 @@ def test_sft_and_reward_ran_at_the_same_time(first_run):
                        datetime.datetime.fromisoformat(m["created_at"]))
     (s1, e1), (s2, e2) = span["sft"], span["reward"]
     assert s1 < e2 and s2 < e1, span
+
+
+# --------------------------------------------------------------------------------- rlhf eval --model
+
+
+def test_rlhf_eval_of_the_exported_actor_gives_the_evaluate_stages_numbers(first_run, prefect_harness, tmp_path):
+    """The evaluation code is shared, not forked: a model the user brings (here the export's final actor, by
+    its folder) gets exactly the row the evaluate stage gave it, in the same report."""
+    import json
+
+    from flows.eval_model import eval_model_flow
+
+    root, _ = first_run
+    final = next((root / "export").glob("*/final"))
+    table = eval_model_flow(RunParams(profile="tiny", storage_root=str(root)), str(final), "final", str(tmp_path))
+    stage = json.loads(next((root / "evaluate").glob("*/metrics.json")).read_text())
+    assert table == {"sft": stage["sft"], "final": stage["final"]}
+    assert json.loads((tmp_path / "metrics.json").read_text()) == table
+    report = (tmp_path / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| model |"))
+    assert header == next(line for line in next((root / "evaluate").glob("*/report.md")).read_text().splitlines()
+                          if line.startswith("| model |"))
+    assert "| final |" in report and (tmp_path / "plots" / "evaluation.png").exists()
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 128
+
+
+def test_rlhf_eval_of_a_model_with_another_vocabulary(first_run, prefect_harness, tmp_path):
+    """Another tokenizer (two words' ids swapped): prompted in its own tokens and scored as text; KL to SFT and
+    the corpus perplexity, which need the SFT actor's tokens, are n/a."""
+    import json
+    import shutil
+
+    from flows.eval_model import eval_model_flow
+    from rlhf_core.config import load_config
+    from rlhf_core.models.causal_lm import build_causal_lm, save_causal_lm
+    from rlhf_core.models.tokenizers import load_tokenizer
+
+    root, _ = first_run
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(PROJECT / "data" / "tiny_tokenizer", tok_dir)
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
+    (tok_dir / "tokenizer.json").write_text(json.dumps(spec))
+    cfg = load_config("tiny", {"models.actor.tokenizer": str(tok_dir)})
+    tok = load_tokenizer(cfg.models.actor)
+    save_causal_lm(build_causal_lm(cfg.models.actor, tok), tok, str(tmp_path / "mine"))
+    table = eval_model_flow(RunParams(profile="tiny", storage_root=str(root)), str(tmp_path / "mine"), "mine",
+                            str(tmp_path / "out"))
+    assert set(table["mine"]) == {"reward_score", "win_rate_vs_sft", "answer_len", "gold_reward"}
+    assert set(table["sft"]) == set(table["mine"]) | {"kl_to_sft", "ptx_perplexity"}
+    assert "| mine |" in (tmp_path / "out" / "report.md").read_text() and "n/a" in (tmp_path / "out" / "report.md").read_text()

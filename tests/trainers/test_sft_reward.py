@@ -51,6 +51,25 @@ def test_training_curves_are_logged(tiny_trained):
     assert any(p.startswith("logs/tensorboard/events.out.tfevents") for p in (f.path for f in tiny_trained["sft"].files))
 
 
+def test_cards_carry_hugging_face_metadata_and_live_metrics_leave_nothing_behind(tiny_trained):
+    from rlhf_core.models.card import card_metadata
+    from tests.conftest import PROJECT
+
+    store = Store.from_config(tiny_trained["cfg"].storage)
+    for stage, tag, kind, metric in (("sft", "sft", "loss", "eval_loss"),
+                                     ("reward", "reward-model", "accuracy", "eval_accuracy")):
+        m = tiny_trained[stage]
+        head = card_metadata(store.read_bytes(stage, m.key, "model/README.md").decode())
+        assert head["library_name"] == "transformers" and head["tags"] == ["rlhf-flow", tag]
+        assert "base_model" not in head and "datasets" not in head  # built from config, from the bundled files
+        (result,) = head["model-index"][0]["results"]
+        assert {x["type"]: x["value"] for x in result["metrics"]}[kind] == pytest.approx(m.metrics[metric])
+        # The live TensorBoard/JSONL folder lived in the output folder while it trained; the commit cleared it,
+        # and the working directory (the workers' is the project) got no ./runs of it.
+        assert not store.fs.exists(store.output_path(stage, m.key, "live"))
+        assert not list(PROJECT.glob(f"runs/{stage}-{m.key[:12]}"))
+
+
 def test_lora_sft_trains_and_exports_a_merged_model(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -129,8 +129,16 @@ def test_stages_from_a_pretrained_model_at_zero3_on_two_ranks_match_one(stage, t
     # LayerNorm bias of the reward backbone) into steps of up to lr: the reward stage measured 8.6e-4 at 2
     # ranks even at ZeRO-2, 2.3e-4 at ZeRO-3 on 1 rank. A model loaded or exported wrongly (random init,
     # std 0.02, or empty partitions) is off by far more.
+    # The attention key bias gets no gradient at all in exact arithmetic (softmax ignores a shift shared by
+    # every key of a query), so its Adam steps are rounding noise scaled to lr in both runs: measured up to
+    # 2.5e-4 apart with transformers 5.25 (the rest of the SFT model within 1e-4). It is compared at the
+    # reward stage's noise tolerance.
     atol = 2e-4 if stage == "sft" else 2e-3
-    assert_same_weights(weights(cfg1, one), weights(cfg2, two), atol=atol)
+    a, b = weights(cfg1, one), weights(cfg2, two)
+    noise = {k for k in a if k.endswith("k_proj.bias")}
+    assert_same_weights({k: v for k, v in a.items() if k not in noise}, {k: v for k, v in b.items() if k not in noise},
+                        atol=atol)
+    assert_same_weights({k: a[k] for k in noise}, {k: b[k] for k in noise}, atol=2e-3)
     if stage == "reward":
         assert two.metrics["eval_accuracy"] == pytest.approx(one.metrics["eval_accuracy"], abs=0.02)
         assert two.metrics["eval_chosen_score"] == pytest.approx(one.metrics["eval_chosen_score"], abs=0.02)

@@ -5,7 +5,7 @@ of ``arch.family`` (``base.Family``); everything a rollout allocates is in one `
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Iterator
 
@@ -254,10 +254,12 @@ class FastDecoder:
         b.t.add_(1)
 
     @torch.no_grad()
-    def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-                 with_logprobs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, with_logprobs: bool = False,
+                 timer=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Answers [B, max_new_tokens] for left-padded prompts; pad after each answer's first EOS. With
-        ``with_logprobs``, also each answer token's log-prob [B, max_new_tokens] (0 after the end)."""
+        ``with_logprobs``, also each answer token's log-prob [B, max_new_tokens] (0 after the end). ``timer``
+        (a ``Timer``, optional) times the phases: graph capture, prefill, decode (a host-device sync each)."""
+        phase = timer if timer is not None else (lambda name: nullcontext())
         B, P = ids.shape
         T = P + max_new_tokens
         if T > self.arch.max_positions:
@@ -267,17 +269,20 @@ class FastDecoder:
         with _capturable_kernels():
             b = self._sized(B, P, T)
             if self.use_graphs and not b.graphs:
-                self._capture(P, T)
-            self._prefill(ids.to(self.device), mask.to(self.device))
-            for step in range(1, max_new_tokens):
-                slot = P + step - 1  # where this step writes the previous token
-                if step % self.check_every == 0 and bool(b.finished.all()):  # host-device sync, now and then
-                    break
-                if self.use_graphs:
-                    T_b = next(x for x in b.graphs if x > slot)
-                    b.graphs[T_b].replay()
-                else:
-                    self._step(T)
+                with phase("generate/capture"):
+                    self._capture(P, T)
+            with phase("generate/prefill"):
+                self._prefill(ids.to(self.device), mask.to(self.device))
+            with phase("generate/decode"):
+                for step in range(1, max_new_tokens):
+                    slot = P + step - 1  # where this step writes the previous token
+                    if step % self.check_every == 0 and bool(b.finished.all()):  # host-device sync, now and then
+                        break
+                    if self.use_graphs:
+                        T_b = next(x for x in b.graphs if x > slot)
+                        b.graphs[T_b].replay()
+                    else:
+                        self._step(T)
         return (b.out.clone(), b.logprobs.clone()) if with_logprobs else b.out.clone()
 
 
