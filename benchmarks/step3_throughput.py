@@ -1,18 +1,22 @@
-"""Step-3 (PPO) throughput on one GPU: transformers generate + DeepSpeed (DeepSpeed-Chat's code path when its
-hybrid engine is unavailable) against this project's hybrid engine, on the project's own PPO step.
+"""Step-3 throughput on one GPU: transformers generate + DeepSpeed (DeepSpeed-Chat's code path when its
+hybrid engine is unavailable) against this project's hybrid engine, on the project's own step-3 code (PPO, and
+the critic-free GRPO and RLOO: ``--modes fast grpo rloo``).
 
     python benchmarks/step3_throughput.py                         # batches 32 128 256, both modes
     python benchmarks/step3_throughput.py --modes fast --batches 32 384
+    python benchmarks/step3_throughput.py --modes fast grpo rloo --batches 128 256   # PPO against GRPO, RLOO
 
 Workload (as DeepSpeed-Chat's benchmark): random-init OPT-1.3B actor and OPT-350M critic/reward from their
 configs, prompt 256 + answer 256 tokens (generation runs the full 256: no EOS), one generation batch and
 one PPO epoch per step, actor and critic on DeepSpeed ZeRO-2 in bf16, training micro-batch 16 (or the
-batch), no LoRA, no EMA, no gradient checkpointing. Each (mode, batch) runs in its own process: 1 warm-up
-step, then the median of ``--steps``.
+batch), no LoRA, no EMA, no gradient checkpointing. The batch counts answers: GRPO and RLOO sample 4 answers to
+each of batch / 4 prompts and build no critic (no critic engine, forward or step). Each (mode, batch) runs in
+its own process: 1 warm-up step, then the median of ``--steps``. ``--one '{..., "device": "cpu", "tiny": true}'``
+runs one (mode, batch) with tiny models on the CPU (the test that keeps this script working).
 
 Reported, per DeepSpeed-Chat's ``perf.py``: generation new tokens/s and its share of the memory-bandwidth
 roofline (weights + mean KV-cache bytes per decode step over the measured copy bandwidth); training
-TFLOP/s (Megatron formula, actor + critic) and its share of the measured bf16 matmul peak; effective
+TFLOP/s (Megatron formula, actor + critic; the actor alone without a critic) and its share of the measured bf16 matmul peak; effective
 step-3 TFLOP/s ((training + generation FLOPs) / end-to-end time); samples/s; peak memory. A greedy check
 compares the fast decoder's tokens with transformers generate on the GPU. Prints a table last.
 """
@@ -35,6 +39,10 @@ OPT_1_3B = dict(model_type="opt", hidden_size=2048, num_hidden_layers=24, ffn_di
 OPT_350M = dict(model_type="opt", hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
                 vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=512, do_layer_norm_before=False)
 PROMPT, ANSWER = 256, 256
+# Tiny shapes for the CPU smoke run (tests/benchmarks/test_step3_throughput.py).
+TINY = dict(model_type="opt", hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, vocab_size=512,
+            max_position_embeddings=128, word_embed_proj_dim=64)
+TINY_PROMPT, TINY_ANSWER = 16, 16
 
 
 def calculate_flops(factor: float, batch: int, seq: int, layers: int, hidden: int, vocab: int) -> float:
@@ -102,6 +110,9 @@ MODES = {
     # DeepSpeed-Chat's single_gpu recipe: the actor trains LoRA adapters (r=128 on every linear layer) only
     "lora": {"rl.actor.lora.enabled": True},
     "lora_rollout_lp": {"rl.actor.lora.enabled": True, "rl.old_logprobs": "rollout"},
+    # critic-free: 4 answers per prompt (batch / 4 prompts), KL in the loss as GRPO does; no critic engine
+    "grpo": {"rl.algorithm": "grpo", "rl.n_samples_per_prompt": 4, "rl.kl.use_kl_loss": True, "rl.kl.estimator": "k3"},
+    "rloo": {"rl.algorithm": "rloo", "rl.n_samples_per_prompt": 4},
 }
 # everything above that helps, together (and with half the optimizer steps: a different algorithm setting)
 MODES["tuned_release"] = {**MODES["rollout_lp_z1"], "hybrid_engine.kv_bucket": 32}  # fits an 80 GB card at 256
@@ -109,7 +120,8 @@ MODES["tuned"] = {**MODES["tuned_release"], "hybrid_engine.release_memory": Fals
 MODES["tuned_mb32"] = {**MODES["tuned"], "rl.train_micro_batch_size": 32}
 
 
-def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
+def run_one(mode: str, batch: int, steps: int, micro: int, device: str = "cuda", tiny: bool = False) -> dict:
+    """One (mode, batch): ``steps`` timed steps after a warm-up, on the project's make_experience and update."""
     import torch
 
     from rlhf_core.config import load_config
@@ -126,54 +138,76 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
     from rlhf_core.models.lora import for_training
     from rlhf_core.trainers.rl import update
 
-    dist = init_distributed("cuda")
+    actor_arch, critic_arch = (TINY, TINY) if tiny else (OPT_1_3B, OPT_350M)
+    prompt_len, answer_len = (TINY_PROMPT, TINY_ANSWER) if tiny else (PROMPT, ANSWER)
+    on_gpu = device == "cuda"
+    dist = init_distributed(device)
     tok = StubTokenizer()
 
     class SizeTok(StubTokenizer):
         def __len__(self):
-            return 50272
+            return actor_arch["vocab_size"]
 
+    n = MODES[mode].get("rl.n_samples_per_prompt", 1)
+    if batch % n:
+        raise ValueError(f"mode {mode} samples {n} answers per prompt: the batch ({batch}) must be a multiple of {n}")
     cfg = load_config("single_gpu", {
-        "rl.rollout_batch_size": batch, "rl.train_micro_batch_size": min(micro, batch),
-        "rl.generation.max_answer_len": ANSWER, "rl.generation.do_sample": True,
+        "rl.rollout_batch_size": batch // n, "rl.train_micro_batch_size": min(micro, batch),
+        "rl.generation.max_answer_len": answer_len, "rl.generation.do_sample": True,
+        **({"data.max_prompt_tokens": prompt_len, "rl.actor.deepspeed.precision": "fp32",
+            "rl.critic.deepspeed.precision": "fp32"} if not on_gpu else {}),
         "rl.actor.lora.enabled": False, "rl.actor.gradient_checkpointing": False,
         "rl.actor.deepspeed.zero_stage": 2, "rl.critic.deepspeed.zero_stage": 2,
         "rl.actor.optimizer.warmup_steps": 0, "rl.critic.optimizer.warmup_steps": 0,
         "ema.enabled": False, "mixture.ptx_coef": 0.0, "hybrid_engine.enabled": True,
         "hybrid_engine.release_memory": True, **MODES[mode]})
     rl = cfg.rl
+    frozen_dtype = torch.bfloat16 if on_gpu else torch.float32
     t_setup = time.perf_counter()
-    with torch.device("cuda"):  # random init on the GPU: seconds instead of minutes on the host
-        actor = for_training(build_causal_lm(ModelSpec(architecture=OPT_1_3B, tokenizer="stub"), SizeTok(), dropout=0.0),
+    with torch.device(device):  # random init on the GPU: seconds instead of minutes on the host
+        actor = for_training(build_causal_lm(ModelSpec(architecture=actor_arch, tokenizer="stub"), SizeTok(), dropout=0.0),
                              rl.actor.lora, False)
-        critic = build_reward_model(ModelSpec(architecture=OPT_350M, tokenizer="stub", init_seed=1), SizeTok(), dropout=0.0)
-        ref = build_causal_lm(ModelSpec(architecture=OPT_1_3B, tokenizer="stub"), SizeTok(), dtype=torch.bfloat16).eval()
-        reward = build_reward_model(ModelSpec(architecture=OPT_350M, tokenizer="stub", init_seed=1), SizeTok(),
-                                    dtype=torch.bfloat16).eval()
+        critic = None
+        if rl.uses_critic:  # GRPO, RLOO: no critic at all
+            critic = build_reward_model(ModelSpec(architecture=critic_arch, tokenizer="stub", init_seed=1), SizeTok(),
+                                        dropout=0.0)
+        ref = build_causal_lm(ModelSpec(architecture=actor_arch, tokenizer="stub"), SizeTok(), dtype=frozen_dtype).eval()
+        reward = build_reward_model(ModelSpec(architecture=critic_arch, tokenizer="stub", init_seed=1), SizeTok(),
+                                    dtype=frozen_dtype).eval()
     print(f"models built in {time.perf_counter() - t_setup:.1f}s", file=sys.stderr, flush=True)
     updates = (steps + 1) * -(-batch // rl.train_micro_batch_size)
     micro = rl.train_micro_batch_size
     actor_e = initialize(actor, build_ds_config(rl.actor.deepspeed, rl.actor.optimizer, micro, 1, 1),
                          rl.actor.optimizer, updates)
-    critic_e = initialize(critic, build_ds_config(rl.critic.deepspeed, rl.critic.optimizer, micro, 1, 1),
-                          rl.critic.optimizer, updates)
+    critic_e = None
+    if critic is not None:
+        critic_e = initialize(critic, build_ds_config(rl.critic.deepspeed, rl.critic.optimizer, micro, 1, 1),
+                              rl.critic.optimizer, updates)
     print(f"engines ready at {time.perf_counter() - t_setup:.1f}s", file=sys.stderr, flush=True)
     m = Models(actor_e, critic_e, ref.requires_grad_(False), reward.requires_grad_(False), None, tok, tok,
-               RewardMeta(score_mean=0.0, score_std=1.0, max_seq_len=PROMPT + ANSWER + 1, prompt_format="human_assistant", eval_accuracy=0.5))
+               RewardMeta(score_mean=0.0, score_std=1.0, max_seq_len=prompt_len + answer_len + 1,
+                          prompt_format="human_assistant", eval_accuracy=0.5))
     hybrid = HybridEngine(actor_e, tok, rl.generation, cfg.hybrid_engine)
-    scorer = RewardScorer(reward, tok, tok, "human_assistant", PROMPT + ANSWER + 1, dist.device)
-    ids = torch.randint(3, 50272, (batch, PROMPT), device=dist.device)
+    scorer = RewardScorer(reward, tok, tok, "human_assistant", prompt_len + answer_len + 1, dist.device)
+    # batch / n prompts, each n times in a row (a group), as the trainer repeats them
+    ids = torch.randint(3, actor_arch["vocab_size"], (batch // n, prompt_len), device=dist.device).repeat_interleave(n, 0)
     mask = torch.ones_like(ids)
     prompts = [""] * batch
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
     rows, lp_gap = [], {}
-    torch.cuda.reset_peak_memory_stats()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     for step in range(steps + 1):
         timer = Timer(dist.device)
         t0 = time.perf_counter()
         with timer("generate"):
             rollout = hybrid.generate(ids, mask, timer=timer)
         exp, _ = make_experience(m, scorer, rollout, prompts, cfg.rl, 0.1, timer)
-        torch.cuda.synchronize()
+        sync()
         t1 = time.perf_counter()
         if step == steps and rollout.logprobs is not None:  # the sampler's log-probs against a forward of the
             with torch.no_grad():  # same weights (before this step's update), untimed
@@ -183,14 +217,15 @@ def run_one(mode: str, batch: int, steps: int, micro: int) -> dict:
             lp_gap = {"logprob_gap_mean": float(gap.mean()), "logprob_gap_max": float(gap.max())}
         t_gap = time.perf_counter() - t1
         update(m, exp, RLSettings.from_config(cfg), step, None, timer)
-        torch.cuda.synchronize()
+        sync()
         t2 = time.perf_counter()
-        assert int(rollout.response_mask.sum()) == batch * ANSWER
+        assert int(rollout.response_mask.sum()) == batch * answer_len
         if step:  # the first step warms up (graph capture, allocator, cuBLAS heuristics)
             rows.append({"gen_exp": t1 - t0, "train": t2 - t1 - t_gap, "e2e": t2 - t0 - t_gap, **timer.times})
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {"mode": mode, "batch": batch, "micro": rl.train_micro_batch_size, "generation_path": hybrid.path,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **lp_gap, **med}
+            "algorithm": rl.algorithm, "critic": critic_e is not None, "samples_per_prompt": n,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0, **lp_gap, **med}
 
 
 def greedy_check() -> dict:
@@ -283,7 +318,7 @@ def main() -> None:
         if "error" in r:
             continue
         b = r["batch"]
-        train_flops = calculate_flops(3, b, seq, L, h, V) + calculate_flops(3, b, seq, cL, ch, V)
+        train_flops = calculate_flops(3, b, seq, L, h, V) + (calculate_flops(3, b, seq, cL, ch, V) if r["critic"] else 0)
         gen_flops = calculate_flops(1, b, seq, L, h, V)
         r.update(gen_tokens_s=b * ANSWER / r["generate"], roofline_tokens_s=roofline_tokens_s(b, dev["copy_tb_s"]),
                  train_tflops=train_flops / r["train"] / 1e12, effective_tflops=(train_flops + gen_flops) / r["e2e"] / 1e12,

@@ -86,12 +86,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     resume = None
     if args.resume_from:
         from rlhf_core.config import ConfigError
-        from rlhf_core.stages.registry import needed_for
+        from rlhf_core.stages.registry import ORDER, needed_for
         from rlhf_core.stages.rewind import parse_resume_from
 
         resume = parse_resume_from(args.resume_from)
-        if resume[0] not in needed_for(args.until):
+        if ORDER.index(resume[0]) > ORDER.index(args.until):
             raise ConfigError(f"--resume-from {args.resume_from}: this run stops at {args.until}, before {resume[0]}")
+        if resume[0] not in needed_for(args.until, cfg):
+            raise ConfigError(f"--resume-from {args.resume_from}: with this config no stage up to {args.until} reads "
+                              f"the {resume[0]} output (rl.algorithm dpo, reward.use_model or eval.reward_model), so "
+                              "it does not run")
 
     def checks():
         preflight(cfg, args.until)  # the store, a reward.existing, the sources' files, a step without data

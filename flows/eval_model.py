@@ -22,5 +22,7 @@ def eval_model_flow(params: RunParams, model: str, name: str, out: str) -> dict[
     preflight(cfg, RL)  # the held-out prompts are the rl step's eval split
     data = prepare_data.submit(cfg)
     sft = train_sft.submit(cfg, data)
-    reward = use_reward_model.submit(cfg) if cfg.reward.existing else train_reward.submit(cfg, data)
+    reward = None
+    if cfg.eval.reward_model:  # off: the gold reward alone judges, and no reward model is trained
+        reward = use_reward_model.submit(cfg) if cfg.reward.existing else train_reward.submit(cfg, data)
     return evaluate_model(cfg, data, sft, reward, model, name, out)

@@ -1,4 +1,5 @@
-"""The end-to-end pipeline: data -> (SFT || reward) -> PPO -> export -> evaluate."""
+"""The end-to-end pipeline: data -> (SFT || reward) -> step 3 (PPO, GRPO, RLOO, REINFORCE++; or DPO, which needs no
+reward model) -> export -> evaluate."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def run_pipeline(params: RunParams, until: str) -> dict[str, Any]:
     preflight(cfg, until)  # the store, a reward.existing, the sources' files: refused before any work starts
     if cfg.resources.gpu_slots:
         ensure_gpu_limit(None, at_least=cfg.resources.gpu_slots)  # once, before stages race to create it
-    need = needed_for(until)
+    need = needed_for(until, cfg)  # with DPO or a rule-based reward alone, step 3 needs no reward model
     runs: dict[str, Any] = {}
     runs[DATA] = data = prepare_data.submit(cfg)
     if SFT in need:
@@ -43,11 +44,11 @@ def run_pipeline(params: RunParams, until: str) -> dict[str, Any]:
     if REWARD in need:  # independent of the actor: runs beside SFT
         runs[REWARD] = use_reward_model.submit(cfg) if cfg.reward.existing else train_reward.submit(cfg, data)
     if RL in need:
-        runs[RL] = train_rl.submit(cfg, data, runs[SFT], runs[REWARD])
+        runs[RL] = train_rl.submit(cfg, data, runs[SFT], runs.get(REWARD))
     if EXPORT in need:
         runs[EXPORT] = export_actors.submit(cfg, runs[RL])
     if EVALUATE in need:
-        runs[EVALUATE] = evaluate.submit(cfg, data, runs[SFT], runs[REWARD], runs[RL], runs[EXPORT])
+        runs[EVALUATE] = evaluate.submit(cfg, data, runs[SFT], runs.get(REWARD), runs[RL], runs[EXPORT])
     outputs = {name: future.result() for name, future in runs.items()}
     create_markdown_artifact(
         key="rlhf-run-summary", description=f"Outputs of this run ({params.run_name()})",

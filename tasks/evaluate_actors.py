@@ -13,14 +13,15 @@ from tasks.runner import cache_key_fn, gpu_slots_held, manifest_of, run_stage, s
 
 
 @task(name="evaluate", cache_key_fn=cache_key_fn(EVALUATE), persist_result=True, retries=1)
-def evaluate(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest, rl: Manifest,
+def evaluate(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest | None, rl: Manifest,
              export: Manifest) -> Manifest:
-    """Sample the SFT, final and EMA actors on held-out prompts; report reward, win rate, gold reward, KL
-    to SFT and pretraining perplexity as Prefect artifacts and in the store.
+    """Sample the SFT, final and EMA actors on held-out prompts; report reward, win rate (by the reward model and
+    by the gold reward), gold reward, KL to SFT and pretraining perplexity as Prefect artifacts and in the store.
+    ``reward`` is None when eval.reward_model is off.
 
-    Invalidated by (its settings view): the data, SFT, reward, PPO (its training curves) and export outputs'
-    contents, the eval section, the answer length, hybrid_engine (the fast path samples differently), the
-    prompt format and the corpus block size. Runs once across concurrent runs (stage lease); samples on one
+    Invalidated by (its settings view): the data, SFT, reward (when read), step 3 (its training curves) and
+    export outputs' contents, the eval section (eval.gold_reward by its module's content), the answer length,
+    hybrid_engine (the fast path samples differently), the prompt format and the corpus block size. Runs once across concurrent runs (stage lease); samples on one
     process, holding one slot of rlhf-gpu when resources.gpu_slots > 0.
     """
     result = run_stage(single_process(cfg), EVALUATE, {DATA: data, SFT: sft, REWARD: reward, RL: rl, EXPORT: export},
@@ -52,7 +53,7 @@ def publish_tables(key: str, models: dict[str, dict[str, float]], report: str) -
 
 
 @task(name="evaluate-model")
-def evaluate_model(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest, model: str, name: str,
+def evaluate_model(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest | None, model: str, name: str,
                    out: str) -> dict[str, dict[str, float]]:
     """A model the user brings, evaluated as the evaluate stage evaluates the exported actors: sampled on the
     profile's held-out prompts beside its SFT actor, scored by its reward model, the same report (report.md,
@@ -73,12 +74,12 @@ def evaluate_model(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: M
         torch.set_num_threads(cfg.resources.cpu_threads)
     try:
         with gpu_slots_held(cfg, min(cfg.resources.gpu_slots, 1)):
-            table, rows = evaluate_actors(store, settings, data, store.fetch(SFT, sft.key, MODEL),
-                                          store.fetch(REWARD, reward.key, MODEL), {name: model},
-                                          torch.device(cfg.resources.device))
+            reward_path = store.fetch(REWARD, reward.key, MODEL) if reward is not None else None  # eval.reward_model
+            table, rows = evaluate_actors(store, settings, data, store.fetch(SFT, sft.key, MODEL), reward_path,
+                                          {name: model}, torch.device(cfg.resources.device))
     finally:
         torch.set_num_threads(threads)
-    write_evaluation(out, store, {SFT: sft, REWARD: reward}, settings, table, rows)
+    write_evaluation(out, store, {SFT: sft, **({REWARD: reward} if reward is not None else {})}, settings, table, rows)
     with open(os.path.join(out, REPORT)) as f:
         publish_tables(f"rlhf-eval-model-{_slug(name)}", table, f.read())
     return table

@@ -36,8 +36,9 @@ def store_for(cfg: PipelineConfig) -> Store:
 
 
 def inputs_of(stage: str, params: dict[str, Any]) -> dict[str, Manifest]:
-    """The upstream manifests among a stage task's parameters (named after the stages they come from)."""
-    return {up: params[up] for up in registry.stage(stage).inputs}
+    """The upstream manifests among a stage task's parameters (named after the stages they come from) that the
+    stage reads under its config (``registry.inputs``: with DPO, step 3 reads no reward model)."""
+    return {up: params[up] for up in registry.inputs(stage, params["cfg"])}
 
 
 def cache_key_fn(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str | None]:
@@ -183,6 +184,7 @@ def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest], gp
     """
     from rlhf_core.stages.launch import command, make_job, run_job, write_job
 
+    upstream = {up: m for up, m in upstream.items() if up in registry.inputs(stage, cfg)}  # e.g. no reward for DPO
     key = registry.key(stage, cfg, upstream)
     store = store_for(cfg)
 

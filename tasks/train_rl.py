@@ -9,12 +9,15 @@ from tasks.runner import cache_key_fn, run_stage
 
 
 @task(name="train-rl", cache_key_fn=cache_key_fn(RL), persist_result=True, retries=2, retry_delay_seconds=5)
-def train_rl(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest) -> Manifest:
-    """Step 3: PPO of the SFT actor against the reward model (critic from the reward model, frozen
-    reference, KL penalty, EMA, pretraining mixture), generation through the hybrid engine.
+def train_rl(cfg: PipelineConfig, data: Manifest, sft: Manifest, reward: Manifest | None = None) -> Manifest:
+    """Step 3: the SFT actor trained by rl.algorithm: PPO (critic from the reward model, GAE), GRPO, RLOO or
+    REINFORCE++ (n answers per prompt, no critic), all with a frozen reference, KL, EMA, pretraining mixture and
+    the hybrid engine's generation; or DPO on the preference pairs (no rollouts, no reward model: ``reward``
+    is None). Answers are scored by the reward model, a rule (reward.function), or both.
 
-    Invalidated by (its settings view): the data, SFT and reward outputs' contents, the rl, ema, mixture and
-    hybrid_engine sections, the corpus blocks when mixture.ptx_coef > 0, the prompt format and length limit,
+    Invalidated by (its settings view): the data, SFT and (when read) reward outputs' contents, the rl, ema,
+    mixture and hybrid_engine sections, reward.use_model / function (by its module's content) /
+    function_weight, the corpus blocks when mixture.ptx_coef > 0, the prompt format and length limit,
     eval.gold_reward (logged while training) and the number of processes. A retry resumes from the latest
     checkpoint (actor, critic, optimizers, EMA, KL controller, RNG, data positions). Runs once across
     concurrent runs (stage lease); holds resources.gpu_slots slots of rlhf-gpu while training.

@@ -30,6 +30,22 @@ Precision = Literal["fp32", "bf16", "fp16"]
 # same bytes elsewhere give the same key and changed bytes at the same place give a new one
 # (rlhf_core/stages/registry.py). Hub names are keyed by name and the hub's revision.
 CONTENT_KEYED = {"keyed_by": "content"}
+# A field whose value names a Python function, "package.module:function": cache keys hold the module file's
+# content (rlhf_core/storage/fingerprint.py), so an edited rule gives a new key. Only that file counts, not
+# what it imports.
+FUNCTION_KEYED = {"keyed_by": "module_content"}
+_FUNCTION_SPEC = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def function_spec(v: str | None, key: str) -> str | None:
+    """A "package.module:function" reference as given (None or empty: none), or a ValueError naming ``key``."""
+    if v is None or not v.strip():
+        return None
+    v = v.strip()
+    if not _FUNCTION_SPEC.fullmatch(v):
+        raise ValueError(f"{key} {v!r} is not a function reference; write it as package.module:function, e.g. "
+                         "rlhf_core.data.tiny_task:gold_reward (the module must be importable by the workers)")
+    return v
 
 
 # ----------------------------------------------------------------------------------------------- storage
@@ -358,6 +374,25 @@ class RewardConfig(TrainStageConfig):
         "`reward/<key>`, as `rlhf store ls` shows it), or the URL of a reward output folder holding manifest.json "
         "(file://... or s3://.../reward/<key>), which is copied into this store. Empty: train the reward model.",
     )
+    use_model: bool = Field(
+        True, description="Score step-3 answers with the learned reward model (trained in step 2, or reward.existing). "
+        "Off: reward.function alone is the reward, and step 3 needs no reward model (PPO still initialises its critic "
+        "from one)."
+    )
+    function: str | None = Field(
+        None, description="A rule-based reward, 'package.module:function', called as function(prompt, answer) -> float "
+        "on every step-3 answer (prompt: the canonical prompt text; answer: the decoded answer up to its end), alone "
+        "(use_model false) or added to the reward model's score (x function_weight, after its normalisation). "
+        "Importing it runs that module's code in the step-3 worker: name only code you trust. The step-3 key holds "
+        "the module file's content. The bundled task's is rlhf_core.data.tiny_task:gold_reward.",
+        json_schema_extra=FUNCTION_KEYED,
+    )
+    function_weight: float = Field(1.0, description="Weight of reward.function's value in the step-3 reward.")
+
+    @field_validator("function")
+    @classmethod
+    def _function_spec(cls, v: str | None) -> str | None:
+        return function_spec(v, "reward.function")
 
     @field_validator("existing", mode="before")
     @classmethod
@@ -415,11 +450,72 @@ class KLConfig(Section):
     adaptive: bool = Field(False, description="Adapt coef towards target (Ziegler et al. 2019).")
     target: float = Field(6.0, gt=0, description="Target KL per sequence for the adaptive controller.")
     horizon: int = Field(10000, ge=1, description="Adaptive controller horizon (rollouts per full correction).")
+    use_kl_loss: bool = Field(
+        False, description="Put the KL in the actor's loss (coef x KL(actor || reference) over the answer tokens, with "
+        "this estimator; GRPO's form, OpenRLHF's --use_kl_loss) instead of subtracting it from the rewards."
+    )
+
+
+# Step 3's algorithms (rlhf_core/maths/advantages.py for the estimators; DPO: rlhf_core/trainers/dpo.py).
+RLAlgorithm = Literal["ppo", "grpo", "rloo", "reinforce_pp", "dpo"]
+ALGORITHM_NAMES = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++", "dpo": "DPO"}  # for people
+# rlhf_core/maths/algos.py's POLICY_LOSSES and LossAgg (the tests check they agree).
+PolicyLoss = Literal["ppo_clip", "gspo"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+PreferenceLossType = Literal["sigmoid", "ipo", "simpo"]
+
+
+class DPOConfig(Section):
+    """rl.algorithm dpo: offline preference optimisation on the reward split's pairs against the frozen SFT model.
+    Batches: rl.train_micro_batch_size pairs per process x gradient_accumulation_steps per optimizer step, for
+    rl.epochs passes (or rl.max_steps); optimizer, DeepSpeed and LoRA from rl.actor."""
+
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference (DPO's beta; SimPO's "
+                        "reward scale, where 2-2.5 is usual).")
+    loss_type: PreferenceLossType = Field(
+        "sigmoid", description="'sigmoid': DPO (Rafailov et al. 2023); 'ipo': IPO (Azar et al. 2023) on per-token mean "
+        "log-ratios; 'simpo': SimPO (Meng et al. 2024), length-normalised, no reference model."
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO (cDPO): the probability that a "
+                                   "pair's label is flipped (sigmoid and simpo).")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
+    max_seq_len: int = Field(512, ge=8, description="Prompt + answer tokens kept per sequence (longer ones are cut).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    eval_every: int | None = Field(None, ge=1, description="Optimizer steps between evaluations on reward/eval "
+                                   "(end only if empty).")
+    invert_preferences: bool = Field(False, description="Learn the reverse preference, every pair's chosen and "
+                                     "rejected swapped (an ablation control, as rl.reward_scale -1 is for the others).")
 
 
 class RLConfig(Section):
-    epochs: int = Field(1, ge=1, description="Passes over the PPO prompts.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many PPO steps.")
+    algorithm: RLAlgorithm = Field(
+        "ppo", description="Step 3's algorithm. 'ppo': DeepSpeed-Chat's PPO (critic, GAE). Critic-free, with "
+        "n_samples_per_prompt answers per prompt: 'grpo' (group-normalised scores; with norm_adv_by_std false and "
+        "loss_agg_mode seq-mean-token-sum-norm, Dr.GRPO), 'rloo' (leave-one-out baseline), 'reinforce_pp' "
+        "(REINFORCE++: scores normalised over the global batch; minus the group mean when n > 1). 'dpo': offline "
+        "preference optimisation on the reward split's pairs (rl.dpo), no rollouts and no reward model."
+    )
+    n_samples_per_prompt: int = Field(
+        1, ge=1, le=1024, description="Answers sampled per prompt (a group; GRPO and RLOO need 2 or more). Each "
+        "generation batch holds rollout_batch_size prompts x this many answers."
+    )
+    policy_loss: PolicyLoss = Field(
+        "ppo_clip", description="'ppo_clip': the clipped surrogate with per-token ratios; 'gspo': one ratio per "
+        "answer (GSPO, Zheng et al. 2025; use a small clip_range such as 3e-4)."
+    )
+    loss_agg_mode: LossAgg = Field(
+        "token-mean", description="How per-token losses (policy, KL) become one number: 'token-mean' over every "
+        "answer token (DeepSpeed-Chat); 'seq-mean-token-mean', the mean of each answer's mean (GRPO's paper); "
+        "'seq-mean-token-sum-norm', each answer's sum over generation.max_answer_len (Dr.GRPO: no length bias)."
+    )
+    norm_adv_by_std: bool = Field(True, description="GRPO: divide by the group's score std (off: Dr.GRPO).")
+    whiten_advantages: bool | None = Field(
+        None, description="Normalise advantages to mean 0, std 1 over all ranks' answer tokens. Empty: the "
+        "algorithm's own choice (ppo and reinforce_pp yes, grpo and rloo no: their group baselines already centre them)."
+    )
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO's settings (rl.algorithm dpo).")
+    epochs: int = Field(1, ge=1, description="Passes over the step-3 prompts (dpo: over the preference pairs).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (dpo: optimizer steps).")
     rollout_batch_size: int = Field(16, ge=1, description="Prompts per generation batch per process.")
     generation_batches: int = Field(1, ge=1, description="Generation batches collected per PPO step.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's experience.")
@@ -429,21 +525,22 @@ class RLConfig(Section):
         "while sampling (one actor forward fewer per step; they differ from a forward by bf16 rounding, which "
         "benchmarks/step3_throughput.py reports). Falls back to 'recompute' where generation took another path."
     )
-    train_micro_batch_size: int = Field(16, ge=1, description="Experience rows per training micro-batch.")
+    train_micro_batch_size: int = Field(16, ge=1, description="Experience rows (answers) per training micro-batch "
+                                        "(dpo: preference pairs).")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Rollout sampling.")
     kl: KLConfig = Field(default_factory=KLConfig, description="The KL penalty against the reference model.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount per answer token (GAE).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: 1 Monte-Carlo returns, 0 one-step TD.")
     clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
     clip_range_value: float = Field(0.2, gt=0, description="Value clip around the rollout's values.")
-    whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 over all ranks.")
     reward_clip: float = Field(5.0, gt=0, description="Clip the reward-model score to [-x, x].")
     normalize_reward: bool = Field(False, description="Normalise scores by the reward model's stored mean/std.")
     reward_scale: float = Field(
         1.0, description="Multiplies the score; a negative value inverts the reward (an ablation control)."
     )
     actor: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig, description="Training the actor.")
-    critic: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig, description="Training the critic.")
+    critic: ActorCriticTrainConfig = Field(default_factory=ActorCriticTrainConfig, description="Training the critic "
+                                           "(ppo); its DeepSpeed settings also place the frozen reward model.")
     placement: Literal["auto", "manual"] = Field(
         "auto", description="Where the frozen reference and reward models live. 'auto': on the accelerator while "
         "they fit its measured free memory (beside the trained engines and room for generation and training), in "
@@ -453,17 +550,44 @@ class RLConfig(Section):
     )
     offload_reference: bool = Field(False, description="Keep the frozen reference model in host memory between uses.")
     offload_reward: bool = Field(False, description="Keep the frozen reward model in host memory between uses.")
-    checkpoint_every: int = Field(20, ge=1, description="PPO steps between checkpoints.")
-    log_every: int = Field(1, ge=1, description="PPO steps between rows of the metric history.")
+    checkpoint_every: int = Field(20, ge=1, description="Steps between checkpoints.")
+    log_every: int = Field(1, ge=1, description="Steps between rows of the metric history.")
     seed: int = Field(1234, description="Seed of the prompt order, minibatch order and sampling.")
+
+    @property
+    def advantage_estimator(self) -> str:
+        """The advantage estimator's name in rlhf_core.maths.advantages (PPO's is GAE)."""
+        return "gae" if self.algorithm == "ppo" else self.algorithm
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.algorithm == "ppo"
+
+    @property
+    def whiten(self) -> bool:
+        """Whether advantages are normalised over the global batch (whiten_advantages, or the algorithm's own)."""
+        if self.whiten_advantages is not None:
+            return self.whiten_advantages
+        return self.algorithm in ("ppo", "reinforce_pp")
+
+    @property
+    def rows_per_step(self) -> int:
+        """Answers per step per process: prompts x generation batches x samples per prompt."""
+        return self.rollout_batch_size * self.generation_batches * self.n_samples_per_prompt
 
     @model_validator(mode="after")
     def _micro_batch_divides(self) -> "RLConfig":
-        rows = self.rollout_batch_size * self.generation_batches
-        if rows % self.train_micro_batch_size:
+        if self.algorithm in ("grpo", "rloo") and self.n_samples_per_prompt < 2:
             raise ValueError(
-                f"rollout_batch_size x generation_batches ({rows}) must be a multiple of "
-                f"train_micro_batch_size ({self.train_micro_batch_size}); change one of them"
+                f"rl.algorithm {self.algorithm} compares the answers to one prompt, but rl.n_samples_per_prompt is "
+                f"{self.n_samples_per_prompt}; set it to 2 or more (4 to 16 is usual)"
+            )
+        if self.algorithm == "dpo":
+            return self
+        if self.rows_per_step % self.train_micro_batch_size:
+            raise ValueError(
+                f"rollout_batch_size x generation_batches x n_samples_per_prompt ({self.rows_per_step}) must be a "
+                f"multiple of train_micro_batch_size ({self.train_micro_batch_size}); change one of them"
             )
         return self
 
@@ -502,13 +626,21 @@ class HybridEngineConfig(Section):
     )
 
 
-GoldReward = Literal["none", "tiny_task"]
+# Names eval.gold_reward accepted before it took a function reference.
+_GOLD_ALIASES = {"none": None, "tiny_task": "rlhf_core.data.tiny_task:gold_reward"}
 
 
 class EvalConfig(Section):
-    gold_reward: GoldReward = Field(
-        "none", description="A programmatic gold reward to report besides the learned one: 'tiny_task' is the "
-        "bundled task's (rlhf_core/data/tiny_task.py)."
+    gold_reward: str | None = Field(
+        None, description="A programmatic gold reward to report beside the learned one, 'package.module:function' "
+        "called as function(prompt, answer) -> float (the bundled task's: rlhf_core.data.tiny_task:gold_reward; "
+        "'tiny_task' is accepted for it). Evaluation then also reports win rates judged by it. Importing it runs that "
+        "module's code: name only code you trust. Keys hold the module file's content.",
+        json_schema_extra=FUNCTION_KEYED,
+    )
+    reward_model: bool = Field(
+        True, description="Score the evaluation's answers with the reward model (reward score, win rate by it). Off: "
+        "evaluation needs no reward model (with rl.algorithm dpo or reward.use_model false, the run then trains none)."
     )
     num_prompts: int = Field(64, ge=1, description="Held-out PPO prompts to sample from.")
     max_answer_len: int | None = Field(None, ge=1, description="Default: rl.generation.max_answer_len.")
@@ -517,6 +649,16 @@ class EvalConfig(Section):
     samples_in_report: int = Field(8, ge=0, description="Prompts shown with every model's answer in report.md.")
     ptx_blocks: int = Field(64, ge=1, description="Corpus blocks for the pretraining perplexity.")
     seed: int = Field(4321, description="Sampling seed; every model samples with the same one.")
+
+    @field_validator("gold_reward", mode="before")
+    @classmethod
+    def _gold_alias(cls, v: Any) -> Any:
+        return _GOLD_ALIASES.get(v, v) if isinstance(v, str) else v
+
+    @field_validator("gold_reward")
+    @classmethod
+    def _gold_spec(cls, v: str | None) -> str | None:
+        return function_spec(v, "eval.gold_reward")
 
 
 class ExportConfig(Section):
@@ -620,6 +762,12 @@ class PipelineConfig(Section):
         for key, coef in (("mixture.ptx_coef", self.mixture.ptx_coef), ("sft.ptx_coef", self.sft.ptx_coef)):
             if coef > 0 and not self.data.ptx.path:
                 raise ValueError(f"{key} > 0 needs data.ptx.path (a plain-text corpus)")
+        if self.rl.algorithm != "dpo" and not self.reward.use_model and self.reward.function is None:
+            raise ValueError(f"rl.algorithm {self.rl.algorithm} needs a reward: set reward.function (a rule, "
+                             "package.module:function) or reward.use_model true (the learned reward model)")
+        if not self.eval.reward_model and self.eval.gold_reward is None:
+            raise ValueError("eval.reward_model false leaves evaluation nothing to score answers with; set "
+                             "eval.gold_reward (package.module:function) or eval.reward_model true")
         if self.data.max_prompt_tokens + self.rl.generation.max_answer_len > _max_positions(self.models.actor):
             raise ValueError(
                 f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rl.generation.max_answer_len "

@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import Field
 
-from rlhf_core.config.schema import (CONTENT_KEYED, DataConfig, EMAConfig, EvalConfig, ExportConfig, GenerationConfig,
-                                     GoldReward, HybridEngineConfig, MixtureConfig, ModelSpec, PipelineConfig,
+from rlhf_core.config.schema import (CONTENT_KEYED, FUNCTION_KEYED, DataConfig, DPOConfig, EMAConfig, EvalConfig, ExportConfig,
+                                     GenerationConfig, HybridEngineConfig, MixtureConfig, ModelSpec, PipelineConfig,
                                      RLConfig, PromptFormat, Section, SFTConfig, TrainStageConfig)
 
 
@@ -83,27 +83,54 @@ class RewardSettings(Section):
                    world_size=cfg.resources.world_size)
 
 
+class RewardSignal(Section):
+    """What scores a step-3 answer: the reward model (read from the reward stage's output), a rule-based function
+    (keyed by its module's content), or both."""
+
+    use_model: bool = Field(description="reward.use_model")
+    function: str | None = Field(description="reward.function", json_schema_extra=FUNCTION_KEYED)
+    function_weight: float = Field(description="reward.function_weight")
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig) -> "RewardSignal":
+        r = cfg.reward
+        return cls(use_model=r.use_model, function=r.function, function_weight=r.function_weight)
+
+
 class RLSettings(Section):
     rl: RLConfig = Field(description="rl")
+    reward: RewardSignal = Field(description="reward.use_model, reward.function, reward.function_weight")
     ema: EMAConfig = Field(description="ema")
     mixture: MixtureConfig = Field(description="mixture")
     ptx: PtxBlocks | None = Field(description="data.ptx's blocks, when mixture.ptx_coef > 0")
     hybrid_engine: HybridEngineConfig = Field(description="hybrid_engine")
     prompt_format: PromptFormat = Field(description="data.prompt_format")
     max_prompt_tokens: int = Field(description="data.max_prompt_tokens (checked against the prompts)")
-    gold_reward: GoldReward = Field(description="eval.gold_reward, logged as gold/reward during training")
+    gold_reward: str | None = Field(description="eval.gold_reward, logged as gold/reward during training",
+                                    json_schema_extra=FUNCTION_KEYED)
     world_size: int = Field(description="Processes: they change the batch schedule.")
+
+    @property
+    def scores_with_reward_model(self) -> bool:
+        return self.rl.algorithm != "dpo" and self.reward.use_model
+
+    @property
+    def reads_reward_output(self) -> bool:
+        """Whether step 3 reads the reward stage's output: to score answers, or to initialise PPO's critic."""
+        return self.scores_with_reward_model or self.rl.uses_critic
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> "RLSettings":
-        return cls(rl=cfg.rl, ema=cfg.ema, mixture=cfg.mixture,
+        # rl.dpo counts only for DPO: changing it does not re-run PPO (or GRPO...)
+        rl = cfg.rl if cfg.rl.algorithm == "dpo" else cfg.rl.model_copy(update={"dpo": DPOConfig()})
+        return cls(rl=rl, reward=RewardSignal.of(cfg), ema=cfg.ema, mixture=cfg.mixture,
                    ptx=PtxBlocks.of(cfg) if cfg.mixture.ptx_coef > 0 else None, hybrid_engine=cfg.hybrid_engine,
                    prompt_format=cfg.data.prompt_format, max_prompt_tokens=cfg.data.max_prompt_tokens,
                    gold_reward=cfg.eval.gold_reward, world_size=cfg.resources.world_size)
 
 
 class ExportSettings(Section):
-    """The model cards are written from the PPO manifest (its settings and metrics), not from this config."""
+    """The model cards are written from the step-3 manifest (its settings and metrics), not from this config."""
 
     export: ExportConfig = Field(description="export")
 
@@ -118,6 +145,10 @@ class EvaluateSettings(Section):
     hybrid_engine: HybridEngineConfig = Field(description="hybrid_engine (the fast path samples differently)")
     prompt_format: PromptFormat = Field(description="data.prompt_format")
     ptx_block_tokens: int = Field(description="data.ptx.block_tokens, for the held-out perplexity")
+
+    @property
+    def reads_reward_output(self) -> bool:
+        return self.eval.reward_model
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> "EvaluateSettings":

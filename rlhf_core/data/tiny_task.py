@@ -102,32 +102,87 @@ def sample_answer(rng: random.Random, topic: str, p_on_topic: float = 0.7, p_pos
     return " ".join(sentences)
 
 
-def sample_pair(rng: random.Random, min_margin: float = 1.0, p_topic_contrast: float = 0.25,
-                p_repeat_contrast: float = 0.15) -> dict[str, str]:
-    """A preference row: two answers whose gold rewards differ by at least ``min_margin``.
+# Contrast pairs differ from a sampled answer in one respect only, so that a reward model learns more than
+# counting adjectives. Without the repetition contrasts a small reward model scores "the cat is kind and kind .
+# the cat is kind and kind ." above a good answer, and PPO learns to repeat itself (measured: 0.50 accuracy on
+# CONTRASTS["all_first"], 0.14 on "duplicate"); tests/data/test_tiny_task.py keeps the trained one honest.
+CONTRASTS = ("topic", "all_first", "duplicate", "echo")
 
-    Some pairs are contrasts that differ in one respect only, so that a reward model learns more than
-    counting adjectives: the same answer about another topic, or with every positive adjective replaced
-    by the first one (repetition earns nothing).
+
+def contrast(rng: random.Random, kind: str, prompt: str, answer: str) -> str | None:
+    """``answer`` changed in one respect (None where it has nothing to change):
+
+    * ``topic``: about another topic;
+    * ``all_first``: every positive adjective replaced by the first one;
+    * ``duplicate``: one of its sentences said again at the end;
+    * ``echo``: one positive adjective replaced by another positive adjective of the answer.
     """
+    words = answer.split()
+    positives = [i for i, w in enumerate(words) if w in _POS]
+    if kind == "topic":
+        topic = prompt_topic(prompt)
+        other = rng.choice([t for t in TOPICS if t != topic])
+        return " ".join(other if w == topic else w for w in words)
+    if kind == "all_first":
+        return " ".join(words[positives[0]] if w in _POS else w for w in words) if positives else None
+    if kind == "duplicate":
+        sentences = [s.strip() + " ." for s in answer.split(" .") if s.strip()]
+        with_positive = [s for s in sentences if any(w in _POS for w in s.split())]
+        return f"{answer} {rng.choice(with_positive)}" if with_positive else None
+    if kind == "echo":
+        if len({words[i] for i in positives}) < 2:
+            return None
+        i, j = rng.sample(positives, 2)
+        while words[i] == words[j]:
+            i, j = rng.sample(positives, 2)
+        return " ".join(words[j] if k == i else w for k, w in enumerate(words))
+    raise ValueError(f"unknown contrast {kind!r}; kinds are {', '.join(CONTRASTS)}")
+
+
+# Shares of each contrast kind among the preference pairs (the rest are two independent answers).
+CONTRAST_SHARES = {"topic": 0.2, "all_first": 0.15, "duplicate": 0.15, "echo": 0.1}
+
+
+def sample_pair(rng: random.Random, min_margin: float = 1.0, contrast_margin: float = 0.25,
+                shares: dict[str, float] = CONTRAST_SHARES) -> dict[str, str]:
+    """A preference row: two answers the gold reward ranks. Independent answers differ by at least
+    ``min_margin``; a contrast (``CONTRASTS``, drawn with probability ``shares[kind]``) by at least
+    ``contrast_margin`` (repeating a sentence costs 0.5 at most)."""
     prompt = sample_prompt(rng)
     topic = prompt_topic(prompt)
     assert topic is not None
     while True:
         a = sample_answer(rng, topic)
-        kind = rng.random()
-        if kind < p_topic_contrast:
-            other = rng.choice([t for t in TOPICS if t != topic])
-            b = " ".join(other if w == topic else w for w in a.split())
-        elif kind < p_topic_contrast + p_repeat_contrast and any(w in _POS for w in a.split()):
-            first = next(w for w in a.split() if w in _POS)
-            b = " ".join(first if w in _POS else w for w in a.split())
-        else:
+        u, kind, b = rng.random(), None, None
+        for name, share in shares.items():
+            if u < share:
+                kind = name
+                break
+            u -= share
+        if kind is not None:
+            b = contrast(rng, kind, prompt, a)
+        margin = contrast_margin if b is not None else min_margin
+        if b is None:
             b = sample_answer(rng, topic)
         ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
-        if abs(ga - gb) >= min_margin:
+        if abs(ga - gb) >= margin:
             chosen, rejected = (a, b) if ga > gb else (b, a)
             return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def contrast_pairs(rng: random.Random, kind: str, n: int, p_positive: float = 0.9) -> list[dict[str, str]]:
+    """``n`` preference rows of one contrast kind (the gold reward's choice first), from answers with mostly
+    positive adjectives (those a policy drifts towards): to measure what a reward model has learnt."""
+    rows = []
+    while len(rows) < n:
+        prompt = sample_prompt(rng)
+        a = sample_answer(rng, prompt_topic(prompt), p_positive=p_positive)
+        b = contrast(rng, kind, prompt, a)
+        if b is None or gold_reward(prompt, a) == gold_reward(prompt, b):
+            continue
+        chosen, rejected = (a, b) if gold_reward(prompt, a) > gold_reward(prompt, b) else (b, a)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
 
 
 def sample_corpus_line(rng: random.Random) -> str:

@@ -1,4 +1,6 @@
-"""PPO's maths for RLHF, importing only torch.
+"""The RL maths of step 3, importing only torch: masked statistics, KL estimators, KL-shaped rewards, GAE,
+policy losses (a registry by name) and their aggregation, the value loss, the KL controller. Advantage
+estimators live in ``advantages.py``, preference losses (DPO) in ``preference.py``.
 
 Vocabulary (STYLE.md): ``logprobs``, ``old_logprobs``, ``ref_logprobs``, ``values``, ``advantages``,
 ``returns``, ``response_mask``; shapes ``[B, A]`` are per answer token (A = answer length), ``[B]`` per
@@ -134,22 +136,78 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torc
     return advantages, returns
 
 
+# How a [B, A] per-token loss becomes a scalar (veRL's loss_agg_mode names). ``token-mean``: the mean over every
+# answer token of the micro-batch (DeepSpeed-Chat, PPO); ``seq-mean-token-mean``: each answer's token mean, then
+# the mean over answers (the GRPO paper); ``seq-mean-token-sum-norm``: each answer's token sum over a constant
+# (the longest answer allowed), then the mean over answers: Dr.GRPO's length-unbiased form
+# (Liu et al. 2025, https://arxiv.org/abs/2503.20783), where a long answer's tokens weigh what a short one's do.
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+def aggregate_loss(loss: torch.Tensor, response_mask: torch.Tensor, agg: LossAgg = "token-mean",
+                   max_len: int | None = None) -> torch.Tensor:
+    """A per-token loss [B, A] as a scalar, over masked positions only (``LossAgg``); ``max_len`` is the
+    constant of ``seq-mean-token-sum-norm`` (default: A, the batch's answer width).
+
+    Equals, for ``seq-mean-token-sum-norm``: ``sum(sum(loss[b, t] for t if mask[b, t]) / max_len for b) / B``.
+    """
+    if agg == "token-mean":
+        return masked_mean(loss, response_mask)
+    per_seq = (loss * response_mask).sum(1)
+    if agg == "seq-mean-token-mean":
+        return (per_seq / response_mask.sum(1).clamp(min=1)).mean()
+    if agg == "seq-mean-token-sum-norm":
+        return (per_seq / float(max_len or loss.shape[1])).mean()
+    raise ValueError(f"unknown loss aggregation {agg!r}; use token-mean, seq-mean-token-mean or seq-mean-token-sum-norm")
+
+
 def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        response_mask: torch.Tensor, clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), token-mean over the answer.
+                        response_mask: torch.Tensor, clip_range: float, agg: LossAgg = "token-mean",
+                        max_len: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7) with a per-token ratio, aggregated by ``agg``
+    (token-mean over the answer by default).
 
     Returns the loss and metrics: clipfrac (share of tokens where clipping bound) and approx_kl between
     the new and old policy (k3).
     """
     log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
+    return _clipped_surrogate(torch.exp(log_ratio), log_ratio, advantages, response_mask, clip_range, agg, max_len)
+
+
+def compute_gspo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      response_mask: torch.Tensor, clip_range: float, agg: LossAgg = "token-mean",
+                      max_len: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO (Zheng et al. 2025, https://arxiv.org/abs/2507.18071): the clipped surrogate with one ratio per
+    answer, the geometric mean of its token ratios, s_b = exp(mean_t(logprobs - old_logprobs)), clipped as a
+    whole. In its token form each token's ratio has the value s_b and the gradient s_b * grad log pi(token),
+    so per-token advantages still apply. Its clip range is small (the paper: 3e-4 / 4e-4)."""
+    seq_log_ratio = masked_mean(logprobs - old_logprobs, response_mask, dim=1)  # [B]
+    log_ratio = seq_log_ratio.detach().unsqueeze(1) + logprobs - logprobs.detach()  # value: seq; gradient: token
+    return _clipped_surrogate(torch.exp(log_ratio), seq_log_ratio.unsqueeze(1).expand_as(logprobs), advantages,
+                              response_mask, clip_range, agg, max_len)
+
+
+def _clipped_surrogate(ratio: torch.Tensor, log_ratio: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor,
+                       clip_range: float, agg: LossAgg, max_len: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    policy_loss = masked_mean(torch.maximum(unclipped, clipped), response_mask)
+    policy_loss = aggregate_loss(torch.maximum(unclipped, clipped), response_mask, agg, max_len)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), response_mask)
         approx_kl = masked_mean(torch.expm1(-log_ratio) + log_ratio, response_mask)
     return policy_loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+
+
+# Policy losses by name (``rl.policy_loss``): (logprobs, old_logprobs, advantages, response_mask, clip_range, agg,
+# max_len) -> (loss, {"clipfrac", "approx_kl"}).
+POLICY_LOSSES = {"ppo_clip": compute_policy_loss, "gspo": compute_gspo_loss}
+
+
+def compute_kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor,
+                    estimator: KLEstimator = "k3", agg: LossAgg = "token-mean", max_len: int | None = None) -> torch.Tensor:
+    """KL(pi || pi_ref) as a loss term instead of a reward penalty (GRPO, Shao et al. 2024, eq. 4: k3 on the
+    current policy's log-probs, so its gradient pulls towards the reference), aggregated like the policy loss."""
+    return aggregate_loss(compute_approx_kl(logprobs, ref_logprobs, estimator), response_mask, agg, max_len)
 
 
 def compute_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

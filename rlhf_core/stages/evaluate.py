@@ -1,8 +1,10 @@
 """Evaluation: sample from the SFT, final and EMA actors on held-out prompts and compare them.
 
-Per model: mean reward-model score, win rate against SFT (by reward-model score on the same prompt; ties
-count half), the bundled task's gold reward (when configured), KL to SFT (exact over the vocabulary along
-the model's own answers, summed per answer), perplexity on the held-out pretraining corpus, answer length.
+Per model: mean reward-model score and win rate against SFT judged by it (on the same prompt; ties count
+half), the gold reward (``eval.gold_reward``, a rule-based function such as the bundled task's) and the win
+rate against SFT judged by it, KL to SFT (exact over the vocabulary along the model's own answers, summed per
+answer), perplexity on the held-out pretraining corpus, answer length. The reward model's judgement can be
+gamed by the policy it trained; the gold reward's cannot, so both win rates are reported side by side.
 Written to the store: ``report.md``, ``metrics.json``, ``samples.jsonl`` and PNG plots (training curves of
 every stage, evaluation bars); the Prefect task turns them into artifacts.
 """
@@ -29,18 +31,20 @@ from rlhf_core.stages.export import EXPORTS
 from rlhf_core.stages.registry import (DATA, EXPORT, LOGS, METRICS, MODEL, PLOTS, RL, REPORT, REWARD, SAMPLES,
                                        SFT)
 from rlhf_core.storage.store import Manifest, Store
-from rlhf_core.trainers.experience import RewardScorer, answer_texts, gold_scores, model_kwargs, tokenize_prompts
+from rlhf_core.models.reward_function import RewardFunction
+from rlhf_core.trainers.experience import RewardScorer, answer_texts, gold_function, model_kwargs, tokenize_prompts
 from rlhf_core.trainers.metrics import plot_curves
 
-CURVE_KEYS = ["reward/score", "gold/reward", "kl/mean", "rl/policy_loss", "rl/value_loss", "rl/ptx_loss",
-              "rl/clipfrac", "gen/answer_len", "kl/coef"]
+CURVE_KEYS = ["reward/score", "gold/reward", "kl/mean", "rl/policy_loss", "rl/value_loss", "rl/kl_loss", "rl/ptx_loss",
+              "rl/clipfrac", "gen/answer_len", "kl/coef",
+              "loss", "accuracy", "margin", "eval/accuracy", "eval/margin", "ptx_loss"]  # the last: DPO's
 
 
 @dataclass
 class ModelSamples:
     answers: list[str]
-    scores: list[float]
-    gold: list[float] | None
+    scores: list[float] | None  # by the reward model (eval.reward_model)
+    gold: list[float] | None  # by eval.gold_reward
     kl: list[float]  # per answer, summed over tokens
     lengths: list[int]
     ptx_perplexity: float | None
@@ -69,42 +73,52 @@ def corpus_perplexity(model, blocks: torch.Tensor, device: torch.device, batch: 
     return math.exp(total / max(count, 1))
 
 
-def sample_model(model, sft, tok, scorer: RewardScorer, prompts: list[str], prompt_ids: list[list[int]],
+def sample_model(model, sft, tok, scorer: RewardScorer | None, prompts: list[str], prompt_ids: list[list[int]],
                  settings: EvaluateSettings, device: torch.device, blocks: torch.Tensor | None,
-                 batch: int = 32) -> ModelSamples:
+                 batch: int = 32, gold: RewardFunction | None = None) -> ModelSamples:
+    """Answers of ``model`` to every prompt, scored by the reward model (``scorer``) and the gold reward
+    (``gold``; default: eval.gold_reward's), with their exact KL to ``sft`` (None: no KL)."""
     gen = settings.generation
     engine = HybridEngine(model, tok, gen, settings.hybrid_engine)
+    gold = gold or gold_function(settings.eval.gold_reward)
     torch.manual_seed(settings.eval.seed)  # every model samples with the same seed
-    out = ModelSamples([], [], [] if settings.eval.gold_reward != "none" else None, [], [], None)
+    out = ModelSamples([], [] if scorer is not None else None, [] if gold is not None else None, [], [], None)
     for i in range(0, len(prompts), batch):
         ids, mask = left_pad(prompt_ids[i:i + batch], tok.pad_token_id, device)
         rollout = engine.generate(ids, mask)
         texts = answer_texts(rollout, tok)
         out.answers += texts
-        out.scores += scorer(prompts[i:i + batch], rollout).tolist()
+        if scorer is not None:
+            out.scores += scorer(prompts[i:i + batch], rollout).tolist()
         if sft is not None:  # None: another vocabulary than the SFT actor's, so no KL to it
             out.kl += (exact_kl(model, sft, rollout, gen.logprob_temperature).tolist() if model is not sft
                        else [0.0] * len(texts))
         out.lengths += rollout.response_mask.sum(1).tolist()
-        if out.gold is not None:
-            out.gold += gold_scores(settings.eval.gold_reward, prompts[i:i + batch], texts)
+        if gold is not None:
+            out.gold += gold(prompts[i:i + batch], texts)
     if blocks is not None:
         out.ptx_perplexity = corpus_perplexity(model, blocks, device)
     return out
+
+
+def win_rate(scores: list[float], base: list[float]) -> float:
+    """Share of prompts where ``scores`` beat ``base`` (the same prompt's answer), ties counting half."""
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, base)) / len(scores)
 
 
 def summarize(samples: dict[str, ModelSamples]) -> dict[str, dict[str, float]]:
     base = samples[SFT]
     table = {}
     for name, s in samples.items():
-        n = len(s.scores)
-        wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(s.scores, base.scores))
-        row = {"reward_score": sum(s.scores) / n, "win_rate_vs_sft": wins / n}
+        n = len(s.answers)
+        row: dict[str, float] = {}
+        if s.scores is not None:
+            row.update(reward_score=sum(s.scores) / n, win_rate_vs_sft=win_rate(s.scores, base.scores))
+        if s.gold is not None:
+            row.update(gold_reward=sum(s.gold) / n, gold_win_rate_vs_sft=win_rate(s.gold, base.gold))
         if s.kl:
             row["kl_to_sft"] = sum(s.kl) / n
         row["answer_len"] = sum(s.lengths) / n
-        if s.gold is not None:
-            row["gold_reward"] = sum(s.gold) / n
         if s.ptx_perplexity is not None:
             row["ptx_perplexity"] = s.ptx_perplexity
         table[name] = row
@@ -118,27 +132,31 @@ def run_evaluate(ctx: StageContext) -> Manifest | None:
     export = ctx.upstream[EXPORT]
     actors = {name: ctx.fetch(EXPORT, name) for name in EXPORTS
               if any(f.path.startswith(f"{name}/") for f in export.files)}
-    table, rows = evaluate_actors(ctx.store, settings, ctx.upstream[DATA], ctx.fetch(SFT, MODEL),
-                                  ctx.fetch(REWARD, MODEL), actors, ctx.dist.device)
+    reward_path = ctx.fetch(REWARD, MODEL) if settings.reads_reward_output else None
+    table, rows = evaluate_actors(ctx.store, settings, ctx.upstream[DATA], ctx.fetch(SFT, MODEL), reward_path, actors,
+                                  ctx.dist.device)
     return ctx.write_output(lambda folder: write_evaluation(folder, ctx.store, ctx.upstream, settings, table, rows),
                             {"models": table, "prompts": len(rows)})
 
 
-def evaluate_actors(store: Store, settings: EvaluateSettings, data: Manifest, sft_path: str, reward_path: str,
+def evaluate_actors(store: Store, settings: EvaluateSettings, data: Manifest, sft_path: str, reward_path: str | None,
                     actors: dict[str, str], device: torch.device) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Sample the SFT actor and every one of ``actors`` (name -> local path, store URL or hub name) on the
     data output's held-out PPO prompts and score them: the evaluate stage's table (model -> metric -> value)
     and its per-prompt rows. An actor with another vocabulary than the SFT actor's is prompted in its own
     tokens and scored by the reward model through text; KL to SFT and the corpus perplexity (whose tokens
-    are the SFT actor's) are then left out of its row.
+    are the SFT actor's) are then left out of its row. Without ``reward_path`` (eval.reward_model off) the gold
+    reward alone judges.
 
     Raises:
         ModelLoadError: an actor or its tokenizer cannot be loaded.
     """
     tok = load_saved_tokenizer(sft_path, padding_side="left")
-    rm = load_reward_model(reward_path).to(device).eval()
-    reward_tok, max_len = load_saved_tokenizer(reward_path), reward_meta(reward_path).max_seq_len
-    scorer = RewardScorer(rm, reward_tok, tok, settings.prompt_format, max_len, device)
+    rm = scorer = None
+    if reward_path is not None:
+        rm = load_reward_model(reward_path).to(device).eval()
+        reward_tok, max_len = load_saved_tokenizer(reward_path), reward_meta(reward_path).max_seq_len
+        scorer = RewardScorer(rm, reward_tok, tok, settings.prompt_format, max_len, device)
     prompts = list(load_split(store, data, f"{RL}/eval")["prompt"])[: settings.eval.num_prompts]
     prompt_ids = tokenize_prompts(prompts, tok, settings.prompt_format)
     blocks = None
@@ -153,13 +171,13 @@ def evaluate_actors(store: Store, settings: EvaluateSettings, data: Manifest, sf
         if same_tokenizer(own, tok):
             samples[name] = sample_model(model, sft, tok, scorer, prompts, prompt_ids, settings, device, blocks)
         else:
-            own_scorer = RewardScorer(rm, reward_tok, own, settings.prompt_format, max_len, device)
+            own_scorer = RewardScorer(rm, reward_tok, own, settings.prompt_format, max_len, device) if rm else None
             samples[name] = sample_model(model, None, own, own_scorer, prompts,
                                          tokenize_prompts(prompts, own, settings.prompt_format), settings, device, None)
         del model
     table = summarize(samples)
     rows = [{"prompt": p, **{f"{n}_answer": s.answers[i] for n, s in samples.items()},
-             **{f"{n}_score": s.scores[i] for n, s in samples.items()},
+             **({f"{n}_score": s.scores[i] for n, s in samples.items()} if scorer is not None else {}),
              **({f"{n}_gold": s.gold[i] for n, s in samples.items()} if samples[SFT].gold is not None else {})}
             for i, p in enumerate(prompts)]
     return table, rows
@@ -225,9 +243,12 @@ def render_report(settings: EvaluateSettings, table: dict[str, dict[str, float]]
     e = settings.eval
     metrics = list(next(iter(table.values())))
     how = f"sampled (temperature {e.temperature})" if e.do_sample else "greedy"
+    judges = (["`reward_score` and `win_rate_vs_sft` use the reward model (which the policy was trained on, and "
+               "can game)"] if "reward_score" in metrics else []) + \
+        ([f"`gold_reward` and `gold_win_rate_vs_sft` use the gold reward `{e.gold_reward}`"] if e.gold_reward else [])
     lines = ["# RLHF evaluation", "",
-             f"{len(rows)} held-out prompts; answers {how}, seed {e.seed}. Win rate and score use the reward model; "
-             "KL to SFT is exact over the vocabulary, summed per answer.", "",
+             f"{len(rows)} held-out prompts; answers {how}, seed {e.seed}. " + "; ".join(judges) + ". Win rates count "
+             "ties half. KL to SFT is exact over the vocabulary, summed per answer.", "",
              "| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, row in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[m]:.3f}" if m in row else "n/a" for m in metrics) + " |")
@@ -240,7 +261,9 @@ def render_report(settings: EvaluateSettings, table: dict[str, dict[str, float]]
     names = list(table)
     lines.append("| prompt | " + " | ".join(names) + " |")
     lines.append("|---" * (len(names) + 1) + "|")
+    judge = "score" if f"{SFT}_score" in rows[0] else "gold"
     for r in rows[: e.samples_in_report]:
-        cells = [f"{r[f'{n}_answer']} ({r[f'{n}_score']:.2f})" for n in names]
+        cells = [f"{r[f'{n}_answer']} ({r[f'{n}_{judge}']:.2f}" + (f", gold {r[f'{n}_gold']:.2f})" if judge == "score" and f"{n}_gold" in r else ")")
+                 for n in names]
         lines.append(f"| {r['prompt'].strip()} | " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"

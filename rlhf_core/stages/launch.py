@@ -54,8 +54,15 @@ class Job(BaseModel):
 
 def make_job(cfg: PipelineConfig, name: str, key: str, upstream: dict[str, Manifest],
              producer: dict[str, Any] | None = None) -> Job:
-    """The job of stage ``name``: its settings view cut out of ``cfg``, and the run-time resources."""
-    settings = stage(name).settings_of(cfg)
+    """The job of stage ``name``: its settings view cut out of ``cfg``, the inputs it reads under them (of
+    ``upstream``; the manifest records exactly these), and the run-time resources."""
+    record = stage(name)
+    settings = record.settings_of(cfg)
+    reads = record.inputs_of(settings)
+    missing = [up for up in reads if upstream.get(up) is None]
+    if missing:
+        raise ValueError(f"stage {name} reads the outputs of {', '.join(missing)} under this config, but none was given")
+    upstream = {up: upstream[up] for up in reads}
     return Job(stage=name, key=key, settings=settings.model_dump(mode="json"), upstream=upstream,
                runtime=Runtime(storage=cfg.storage, resources=cfg.resources, logging=cfg.logging),
                producer=producer or {})

@@ -10,14 +10,14 @@ a finished stage. Bump a stage's ``version`` when its code changes what it write
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from rlhf_core.config import PipelineConfig, SourceConfig
-from rlhf_core.config.schema import CONTENT_KEYED, Section
+from rlhf_core.config.schema import CONTENT_KEYED, FUNCTION_KEYED, Section
 from rlhf_core.config.views import (DataSettings, EvaluateSettings, ExportSettings, RLSettings, RewardSettings,
                                     SFTSettings)
 from rlhf_core.storage.store import Manifest, hash_key
@@ -36,16 +36,23 @@ REPORT, METRICS, SAMPLES, PLOTS = "report.md", "metrics.json", "samples.jsonl", 
 class Stage:
     name: str
     version: int
-    inputs: tuple[str, ...]  # stages whose outputs this one reads (the pipeline's graph)
+    inputs: tuple[str, ...]  # stages whose outputs this one may read (the pipeline's graph)
     settings: type[Section]  # its view; ``settings.from_config(cfg)`` cuts it out of a config
     entry: str  # "module:function" that runs it on a StageContext (rank 0 returns the manifest)
     worker: bool  # True: a worker process (torchrun / DeepSpeed launcher); False: inside its Prefect task
     outputs: tuple[str, ...]  # what its output folder holds
     headline: tuple[str, ...]  # metric keys a person looks at first (the first one present)
     title: str
+    # inputs read only under some settings: input -> whether this view reads it (the rest are always read)
+    optional: dict[str, Callable[[Any], bool]] = field(default_factory=dict)
 
     def settings_of(self, cfg: PipelineConfig) -> Section:
         return self.settings.from_config(cfg)  # type: ignore[attr-defined]
+
+    def inputs_of(self, settings: Section) -> tuple[str, ...]:
+        """The stages whose outputs this stage reads with these settings: the one place the flows' graph, the
+        keys, the tasks, preflight and the run summary learn it from (lineage and gc read the manifests)."""
+        return tuple(up for up in self.inputs if up not in self.optional or self.optional[up](settings))
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
@@ -55,13 +62,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           (MODEL, LOGS), ("eval_loss",), "step 1: supervised fine-tuning of the actor"),
     Stage(REWARD, 3, (DATA,), RewardSettings, "rlhf_core.trainers.reward:train_reward", True,
           (MODEL, LOGS), ("eval_accuracy",), "step 2: the reward model"),
-    Stage(RL, 3, (DATA, SFT, REWARD), RLSettings, "rlhf_core.trainers.rl:train_rl", True,
-          (ACTOR, ACTOR_EMA, CRITIC, LOGS), ("gold_last", "reward_last"), "step 3: reinforcement learning of the actor"),
-    Stage(EXPORT, 3, (RL,), ExportSettings, "rlhf_core.stages.export:run_export", False,
+    # No reward model with DPO, or with a rule-based reward alone (PPO still starts its critic from one).
+    Stage(RL, 4, (DATA, SFT, REWARD), RLSettings, "rlhf_core.trainers.rl:train_rl", True,
+          (ACTOR, ACTOR_EMA, CRITIC, LOGS), ("gold_last", "reward_last", "eval_accuracy"),
+          "step 3: reinforcement learning of the actor (PPO, GRPO, RLOO, REINFORCE++ or DPO)",
+          optional={REWARD: lambda s: s.reads_reward_output}),
+    Stage(EXPORT, 4, (RL,), ExportSettings, "rlhf_core.stages.export:run_export", False,
           (FINAL, EMA), ("models",), "the final and EMA actors as plain HF models"),
-    Stage(EVALUATE, 3, (DATA, SFT, REWARD, RL, EXPORT), EvaluateSettings, "rlhf_core.stages.evaluate:run_evaluate",
-          True, (REPORT, METRICS, SAMPLES, PLOTS), ("win_rate_vs_sft", "gold_reward", "reward_score"),
-          "samples and scores of the SFT, final and EMA actors"),
+    Stage(EVALUATE, 4, (DATA, SFT, REWARD, RL, EXPORT), EvaluateSettings, "rlhf_core.stages.evaluate:run_evaluate",
+          True, (REPORT, METRICS, SAMPLES, PLOTS), ("gold_win_rate_vs_sft", "win_rate_vs_sft", "gold_reward", "reward_score"),
+          "samples and scores of the SFT, final and EMA actors", optional={REWARD: lambda s: s.reads_reward_output}),
 ]}
 ORDER = list(STAGES)
 
@@ -73,11 +83,18 @@ def stage(name: str) -> Stage:
         raise ValueError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}") from None
 
 
-def needed_for(name: str) -> set[str]:
-    """``name`` and every stage it is made from, transitively (``needed_for('rl')`` has no export)."""
+def inputs(name: str, cfg: PipelineConfig) -> tuple[str, ...]:
+    """The stages whose outputs stage ``name`` reads under ``cfg`` (``Stage.inputs_of`` on its view)."""
+    s = stage(name)
+    return s.inputs_of(s.settings_of(cfg))
+
+
+def needed_for(name: str, cfg: PipelineConfig) -> set[str]:
+    """``name`` and every stage it is made from under ``cfg``, transitively (``needed_for('rl', cfg)`` has no
+    export; with rl.algorithm dpo it has no reward either)."""
     out = {name}
-    for up in stage(name).inputs:
-        out |= needed_for(up)
+    for up in inputs(name, cfg):
+        out |= needed_for(up, cfg)
     return out
 
 
@@ -86,9 +103,10 @@ def needed_for(name: str) -> set[str]:
 
 def key_payload(view: Any, path: str = "", parent: Any = None, read: set[str] | None = None) -> Any:
     """The JSON a view contributes to its key: every field, with file names replaced by their content
-    (``CONTENT_KEYED`` fields, and a source's files as its layout reads them). ``read`` collects the
+    (``CONTENT_KEYED`` fields, and a source's files as its layout reads them) and function references by their
+    module file's content (``FUNCTION_KEYED``). ``read`` collects the
     dotted paths of the fields the payload holds (the tests check a worker's reads against them)."""
-    from rlhf_core.storage.fingerprint import reference_fingerprint
+    from rlhf_core.storage.fingerprint import function_fingerprint, reference_fingerprint
 
     read = set() if read is None else read
     if isinstance(view, SourceConfig):
@@ -104,6 +122,9 @@ def key_payload(view: Any, path: str = "", parent: Any = None, read: set[str] | 
             if field.json_schema_extra == CONTENT_KEYED:
                 read.add(f"{path}{name}")
                 out[name] = None if value is None else reference_fingerprint(value, getattr(view, "revision", None))
+            elif field.json_schema_extra == FUNCTION_KEYED:
+                read.add(f"{path}{name}")
+                out[name] = None if value is None else function_fingerprint(value)
             else:
                 out[name] = key_payload(value, f"{path}{name}.", view, read)
         return out
@@ -126,11 +147,12 @@ def source_content(src: SourceConfig) -> Any:
 
 def key_of_settings(name: str, settings: Section, upstream: dict[str, Manifest]) -> str:
     s = stage(name)
-    missing = set(s.inputs) - set(upstream)
+    reads = s.inputs_of(settings)
+    missing = set(reads) - set(upstream)
     if missing:
         raise ValueError(f"the {name} key needs the outputs of {sorted(missing)}")
     return hash_key({"stage": name, "version": s.version, "settings": key_payload(settings),
-                     "upstream": {up: upstream[up].content_id for up in s.inputs}})
+                     "upstream": {up: upstream[up].content_id for up in reads}})
 
 
 def key(name: str, cfg: PipelineConfig, upstream: dict[str, Manifest] | None = None) -> str:

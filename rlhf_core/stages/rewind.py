@@ -48,10 +48,11 @@ def stage_key(cfg: PipelineConfig, stage: str, store: Store) -> str:
         ConfigError: an input is not complete in the store yet.
     """
     found: dict[str, Manifest] = {}
+    need = registry.needed_for(stage, cfg)
     for name in registry.ORDER:
-        if name not in registry.needed_for(stage):
+        if name not in need:
             continue
-        upstream = {u: found[u] for u in registry.stage(name).inputs}
+        upstream = {u: found[u] for u in registry.inputs(name, cfg)}
         existing = existing_reward(cfg) if name == registry.REWARD else None
         key = existing[1].key if existing else registry.key(name, cfg, upstream)
         if name == stage:

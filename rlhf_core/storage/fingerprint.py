@@ -97,3 +97,26 @@ def hub_revision(name: str, kind: str = "model") -> str:
         return info.sha or "unknown"
     except Exception:  # offline or not found: the name alone; loading it fails with a clear error anyway
         return "unresolved"
+
+
+def function_fingerprint(spec: str) -> str:
+    """A "package.module:function" reference: its name and the SHA-256 of the module's source file, found
+    without running the module (its parent packages are imported, as any import does). Only that file counts,
+    not the modules it imports.
+
+    Raises:
+        MissingReference: the module cannot be found, or has no source file.
+    """
+    import importlib.util
+
+    module, _, function = spec.partition(":")
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as e:
+        found, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = "no such module"
+    if found is None or not found.origin or not os.path.isfile(found.origin):
+        raise MissingReference(f"{spec}: cannot find module {module!r} ({why if found is None else 'no source file'}); "
+                               "the workers import it, so it must be importable (on PYTHONPATH or installed)")
+    return f"{spec}@{file_fingerprint(found.origin)}"

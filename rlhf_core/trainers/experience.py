@@ -1,28 +1,32 @@
-"""Step 3's experience maker, beside the trainer (OpenRLHF's layout): the models a PPO step runs, and
-rollouts turned into experience: old, reference and critic log-probs / values, reward-model scores,
-KL-shaped rewards, advantages and returns.
+"""Step 3's experience maker, beside the trainer (OpenRLHF's layout): the models a step runs, and rollouts
+turned into experience: old and reference log-probs, critic values (PPO only), scores (reward model and/or a
+rule-based function), KL-shaped rewards, and the advantages and returns of the algorithm's estimator
+(``rlhf_core.maths.advantages``).
 
 Every forward here runs without gradients, in the models' own dtype, over a whole generation batch.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
-from rlhf_core.config import DeepSpeedConfig, RLConfig
+from rlhf_core.config import DeepSpeedConfig, EMAConfig, RLConfig
 from rlhf_core.config.schema import PromptFormat
 from rlhf_core.config.views import RLSettings
 from rlhf_core.data.formats import render_prompt
 from rlhf_core.engines.hybrid import Rollout, accepts, position_ids_from
 from rlhf_core.engines.training import build_ds_config, frozen_config, frozen_engine, initialize
-from rlhf_core.maths.algos import compute_gae, compute_rewards, logprobs_from_logits
+from rlhf_core.maths.advantages import AdvantageParams, advantage_estimator
+from rlhf_core.maths.algos import logprobs_from_logits
 from rlhf_core.models.causal_lm import load_causal_lm
 from rlhf_core.models.loading import torch_dtype
 from rlhf_core.models.lora import for_training
+from rlhf_core.models.reward_function import RewardFunction
 from rlhf_core.models.reward_model import RewardMeta, load_reward_model, reward_meta, sequence_scores
 from rlhf_core.models.tokenizers import load_saved_tokenizer, same_tokenizer
 from rlhf_core.stages.context import StageContext
@@ -38,8 +42,8 @@ class Experience:
     response_mask: torch.Tensor  # [B, A] float
     old_logprobs: torch.Tensor  # [B, A] actor log-probs at sampling time
     ref_logprobs: torch.Tensor  # [B, A]
-    values: torch.Tensor  # [B, A] critic value of the state before each answer token
-    scores: torch.Tensor  # [B] reward-model score after normalising / scaling
+    values: torch.Tensor | None  # [B, A] critic value of the state before each answer token (PPO; None without a critic)
+    scores: torch.Tensor  # [B] the answer's score as the advantages use it (normalised, weighted, scaled)
     rewards: torch.Tensor  # [B, A] KL-shaped
     kl: torch.Tensor  # [B, A] per-token KL estimate (masked)
     advantages: torch.Tensor  # [B, A]
@@ -48,7 +52,7 @@ class Experience:
 
     def select(self, idx: torch.Tensor) -> "Experience":
         """Rows ``idx`` of every per-row tensor (a training micro-batch)."""
-        fields = {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        fields = {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}  # None stays
         return Experience(**fields)
 
     @staticmethod
@@ -59,6 +63,8 @@ class Experience:
         for name in items[0].__dict__:
             if name == "prompt_len":
                 fields[name] = P
+            elif getattr(items[0], name) is None:  # values without a critic
+                fields[name] = None
             elif name in ("sequences", "attention_mask"):
                 fields[name] = torch.cat([_pad_prompt(getattr(e, name), P - e.prompt_len, name) for e in items])
             else:
@@ -165,13 +171,9 @@ def answer_texts(rollout: Rollout, tokenizer) -> list[str]:
     return [t.strip() for t in tokenizer.batch_decode(answers, skip_special_tokens=True)]
 
 
-def gold_scores(gold: str, prompts: list[str], answers: list[str]) -> list[float] | None:
-    """A programmatic gold reward per answer (``eval.gold_reward``), or None when there is none."""
-    if gold == "none":
-        return None
-    from rlhf_core.data.tiny_task import gold_reward
-
-    return [gold_reward(p, a) for p, a in zip(prompts, answers)]
+def gold_function(spec: str | None) -> RewardFunction | None:
+    """The programmatic gold reward of ``eval.gold_reward`` (a rule-based reward function), or None."""
+    return RewardFunction(spec, "eval.gold_reward") if spec else None
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -179,28 +181,30 @@ def gold_scores(gold: str, prompts: list[str], answers: list[str]) -> list[float
 
 @dataclass
 class Models:
-    """Everything step 3 runs: two trained engines, two frozen models, the EMA, the tokenizers."""
+    """Everything step 3 runs: the trained actor (and PPO's critic), the frozen reference (and reward model, when
+    answers are scored by one), the EMA, the tokenizers."""
 
     actor: Any  # DeepSpeed engine
-    critic: Any  # DeepSpeed engine
+    critic: Any | None  # DeepSpeed engine (PPO); None for the critic-free algorithms
     ref: torch.nn.Module  # the frozen SFT model, or the actor with its adapters off (``AdaptersOff``)
-    reward: torch.nn.Module
+    reward: torch.nn.Module | None  # None when a rule-based reward alone scores the answers
     ema: EMA | None
     actor_tok: Any
-    reward_tok: Any
-    reward_meta: RewardMeta
+    reward_tok: Any | None
+    reward_meta: RewardMeta | None
     ref_offloaded: bool = False  # moved whole to the accelerator per phase (not when ZeRO-3 partitions it)
     reward_offloaded: bool = False
 
 
 def build_models(ctx: StageContext, total_updates: int) -> Models:
-    """Actor and critic engines (from the SFT and reward outputs), the frozen reference and reward model,
-    the EMA of the actor, and the two tokenizers."""
+    """The actor engine (from the SFT output), PPO's critic engine (from the reward output), the frozen
+    reference, the frozen reward model when it scores answers, the EMA of the actor, and the tokenizers. The
+    critic-free algorithms build no critic: no engine, no optimizer state, no memory."""
     settings: RLSettings = ctx.settings
     rl, dist = settings.rl, ctx.dist
-    sft_path, reward_path = ctx.fetch(SFT, MODEL), ctx.fetch(REWARD, MODEL)
+    sft_path = ctx.fetch(SFT, MODEL)
+    reward_path = ctx.fetch(REWARD, MODEL) if settings.reads_reward_output else None
     actor_tok = load_saved_tokenizer(sft_path, padding_side="left")
-    reward_tok = load_saved_tokenizer(reward_path, padding_side="right")
     micro = rl.train_micro_batch_size
 
     # Under ZeRO-3 every model is partitioned across the ranks as it loads, so no rank holds a whole copy.
@@ -209,31 +213,52 @@ def build_models(ctx: StageContext, total_updates: int) -> Models:
                                         partition_with=actor_ds), rl.actor.lora, rl.actor.gradient_checkpointing)
     actor_engine = initialize(actor, actor_ds, rl.actor.optimizer, total_updates)
 
-    critic_ds = build_ds_config(rl.critic.deepspeed, rl.critic.optimizer, micro, 1, dist.world_size)
-    critic = for_training(load_reward_model(reward_path, dropout=rl.critic.dropout, partition_with=critic_ds),
-                          rl.critic.lora, rl.critic.gradient_checkpointing)
-    critic_engine = initialize(critic, critic_ds, rl.critic.optimizer, total_updates)
+    critic_engine = None
+    if rl.uses_critic:
+        critic_ds = build_ds_config(rl.critic.deepspeed, rl.critic.optimizer, micro, 1, dist.world_size)
+        critic = for_training(load_reward_model(reward_path, dropout=rl.critic.dropout, partition_with=critic_ds),
+                              rl.critic.lora, rl.critic.gradient_checkpointing)
+        critic_engine = initialize(critic, critic_ds, rl.critic.optimizer, total_updates)
 
     shared = shares_reference(rl.actor.lora)
+    scoring = settings.scores_with_reward_model
+    reward_bytes = 0
+    if scoring:  # the reward model has the critic's shape; without a critic, count its saved weights
+        reward_bytes = (param_bytes(critic_engine.module, rl.critic) if critic_engine is not None else
+                        saved_param_bytes(reward_path, rl.critic))
     offload = placement(rl, dist.device, {"reference": 0 if shared else param_bytes(actor_engine.module, rl.actor),
-                                          "reward": param_bytes(critic_engine.module, rl.critic)},
+                                          "reward": reward_bytes},
                         reserve=generation_reserve(actor_engine.module, rl), log=ctx.log)
-    if shared:  # the SFT model the actor started from, without a second copy of its weights
-        ref, ref_offloaded = AdaptersOff(actor_engine), False
-    else:
-        ref, ref_offloaded = frozen_model(
-            lambda dtype, ds: load_causal_lm(sft_path, dtype=dtype, dropout=0.0, what="the reference (SFT) model",
-                                             partition_with=ds),
-            rl.actor.deepspeed, offload["reference"], micro, dist)
-    reward, reward_offloaded = frozen_model(
-        lambda dtype, ds: load_reward_model(reward_path, dtype=dtype, dropout=0.0, partition_with=ds),
-        rl.critic.deepspeed, offload["reward"], micro, dist)
-    ema = None
-    if settings.ema.enabled:
-        ema = EMA(actor_engine.module, settings.ema.beta, actor_engine.zero_optimization_stage() == 3, ctx.is_main,
-                  on_cpu=settings.ema.on_cpu)
-    return Models(actor_engine, critic_engine, ref, reward, ema, actor_tok, reward_tok, reward_meta(reward_path),
-                  ref_offloaded, reward_offloaded)
+    ref, ref_offloaded = build_reference(sft_path, rl, actor_engine, offload["reference"], dist)
+    reward, reward_offloaded, reward_tok, meta = None, False, None, None
+    if scoring:
+        reward, reward_offloaded = frozen_model(
+            lambda dtype, ds: load_reward_model(reward_path, dtype=dtype, dropout=0.0, partition_with=ds),
+            rl.critic.deepspeed, offload["reward"], micro, dist)
+        reward_tok, meta = load_saved_tokenizer(reward_path, padding_side="right"), reward_meta(reward_path)
+    elif reward_path is not None:  # PPO with a rule-based reward alone: the critic's tokenizer and metadata
+        reward_tok, meta = load_saved_tokenizer(reward_path, padding_side="right"), reward_meta(reward_path)
+    ema = build_ema(settings.ema, actor_engine, ctx.is_main)
+    return Models(actor_engine, critic_engine, ref, reward, ema, actor_tok, reward_tok, meta, ref_offloaded,
+                  reward_offloaded)
+
+
+def build_ema(cfg: EMAConfig, actor_engine, is_main: bool) -> EMA | None:
+    """The EMA of the actor engine's weights (``ema.enabled``), on rank 0."""
+    if not cfg.enabled:
+        return None
+    return EMA(actor_engine.module, cfg.beta, actor_engine.zero_optimization_stage() == 3, is_main, on_cpu=cfg.on_cpu)
+
+
+def build_reference(sft_path: str, rl: RLConfig, actor_engine, offload: bool, dist) -> tuple[torch.nn.Module, bool]:
+    """The frozen SFT model the actor started from: the actor with its adapters off (LoRA with frozen base
+    weights: no second copy), or a frozen copy set up like the actor (``frozen_model``)."""
+    if shares_reference(rl.actor.lora):
+        return AdaptersOff(actor_engine), False
+    return frozen_model(
+        lambda dtype, ds: load_causal_lm(sft_path, dtype=dtype, dropout=0.0, what="the reference (SFT) model",
+                                         partition_with=ds),
+        rl.actor.deepspeed, offload, rl.train_micro_batch_size, dist)
 
 
 def frozen_model(load: Callable[[torch.dtype, dict | None], torch.nn.Module], trainee: DeepSpeedConfig, offload: bool,
@@ -279,6 +304,22 @@ def param_bytes(module: torch.nn.Module, trainee) -> int:
     """Bytes a frozen copy of ``module``'s weights takes in its trainee's precision (partitions counted whole)."""
     elt = torch.finfo(torch_dtype(trainee.deepspeed.precision)).bits // 8
     return elt * sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+def saved_param_bytes(path: str, trainee) -> int:
+    """Bytes a frozen copy of the model saved at ``path`` takes in its trainee's precision, read from its
+    safetensors headers (no weights loaded)."""
+    import glob
+    import os
+
+    from safetensors import safe_open
+
+    elt = torch.finfo(torch_dtype(trainee.deepspeed.precision)).bits // 8
+    n = 0
+    for file in glob.glob(os.path.join(path, "*.safetensors")):
+        with safe_open(file, "pt") as f:
+            n += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return elt * n
 
 
 def generation_reserve(actor: torch.nn.Module, rl: RLConfig) -> int:
@@ -328,16 +369,31 @@ def on_device(module: torch.nn.Module, device: torch.device, offloaded: bool) ->
 # ------------------------------------------------------------------------------------------- experience
 
 
-def make_experience(m: Models, scorer: RewardScorer, rollout: Rollout, prompts: list[str], rl: RLConfig,
-                    kl_coef: float, timer: Timer) -> tuple[Experience, torch.Tensor]:
+@dataclass(frozen=True)
+class Scores:
+    """Phase 2's scores of one generation batch, before normalising and scaling ([B] each)."""
+
+    raw: torch.Tensor  # the reward model's score + function_weight x the function's (each where used)
+    model: torch.Tensor | None  # the reward model's
+    function: torch.Tensor | None  # reward.function's
+
+
+def make_experience(m: Models, scorer: RewardScorer | None, rollout: Rollout, prompts: list[str], rl: RLConfig,
+                    kl_coef: float, timer: Timer, function: RewardFunction | None = None,
+                    function_weight: float = 1.0) -> tuple[Experience, Scores]:
     """Phases 2-4 for one generation batch: score, shape rewards, advantages (not yet whitened).
 
-    Returns the experience and the reward model's raw scores [B] (before normalising and scaling)."""
+    An answer's score is the reward model's (``scorer``; normalised by its stored mean/std with
+    rl.normalize_reward) plus ``function_weight`` x the rule's (``function`` on the prompt and answer texts),
+    times rl.reward_scale. The estimator (rl.algorithm's, rlhf_core.maths.advantages) turns scores and the
+    per-token KL into advantages; the KL is a reward penalty unless rl.kl.use_kl_loss puts it in the loss.
+    Returns the experience and the scores before normalising and scaling."""
     device = rollout.sequences.device
     temperature = rl.generation.logprob_temperature
     seq, att, P = rollout.sequences, rollout.attention_mask, rollout.prompt_len
     mask = rollout.response_mask.float()
     chunk = rl.train_micro_batch_size  # rows per scoring forward: bounds the [rows, A, vocab] logits
+    model_scores = function_scores = values = None
     with timer("score"), torch.no_grad():
         m.actor.eval()
         if rl.old_logprobs == "rollout" and rollout.logprobs is not None:
@@ -346,17 +402,31 @@ def make_experience(m: Models, scorer: RewardScorer, rollout: Rollout, prompts: 
             old_logprobs = sequence_logprobs(m.actor, seq, att, P, temperature, chunk)
         with on_device(m.ref, device, m.ref_offloaded) as ref:
             ref_logprobs = sequence_logprobs(ref, seq, att, P, temperature, chunk)
-        m.critic.eval()
-        values = sequence_values(m.critic, seq, att, P, chunk).float()
-        with on_device(m.reward, device, m.reward_offloaded):
-            raw = scorer(prompts, rollout)
-    scores = raw
-    if rl.normalize_reward:
-        scores = (scores - m.reward_meta.score_mean) / max(m.reward_meta.score_std, 1e-6)
+        if m.critic is not None:
+            m.critic.eval()
+            values = sequence_values(m.critic, seq, att, P, chunk).float()
+        if scorer is not None:
+            with on_device(m.reward, device, m.reward_offloaded):
+                model_scores = scorer(prompts, rollout)
+        if function is not None:  # on the host, on the decoded text
+            function_scores = torch.tensor(function(prompts, answer_texts(rollout, m.actor_tok)), device=device)
+    scores = torch.zeros(seq.shape[0], device=device)
+    raw = torch.zeros(seq.shape[0], device=device)
+    if model_scores is not None:
+        raw = raw + model_scores
+        scores = model_scores
+        if rl.normalize_reward:
+            scores = (scores - m.reward_meta.score_mean) / max(m.reward_meta.score_std, 1e-6)
+    if function_scores is not None:
+        raw = raw + function_weight * function_scores
+        scores = scores + function_weight * function_scores
     scores = scores * rl.reward_scale
+    params = AdvantageParams(kl_coef=0.0 if rl.kl.use_kl_loss else kl_coef, kl_estimator=rl.kl.estimator,
+                             reward_clip=rl.reward_clip, gamma=rl.gamma, lam=rl.lam,
+                             group_size=rl.n_samples_per_prompt, norm_by_std=rl.norm_adv_by_std)
     with timer("advantages"):
-        rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, rl.kl.estimator,
-                                      clip=rl.reward_clip)
-        advantages, returns = compute_gae(rewards, values, mask, rl.gamma, rl.lam)
-    exp = Experience(seq, att, mask, old_logprobs, ref_logprobs, values, scores, rewards, kl, advantages, returns, P)
-    return exp, raw
+        out = advantage_estimator(rl.advantage_estimator).estimate(scores, old_logprobs, ref_logprobs, values, mask,
+                                                                   params)
+    exp = Experience(seq, att, mask, old_logprobs, ref_logprobs, values, scores, out.rewards, out.kl, out.advantages,
+                     out.returns, P)
+    return exp, Scores(raw, model_scores, function_scores)

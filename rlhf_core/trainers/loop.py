@@ -1,4 +1,4 @@
-"""The training loop shared by the SFT and reward stages.
+"""The training loop shared by the SFT, reward and DPO stages.
 
 Per optimizer step: ``gradient_accumulation_steps`` micro-batches per rank, DeepSpeed's backward/step,
 metrics reduced over ranks, a checkpoint every ``checkpoint_every`` steps and an evaluation every
@@ -38,6 +38,9 @@ class LoopSpec:
     units: Callable[[list[int]], int]  # loss units (tokens, pairs) in a list of rows
     step: StepFn
     evaluate: Callable[[], dict[str, float]]
+    after_step: Callable[[], None] | None = None  # after every optimizer step (DPO's EMA update)
+    extra_state: Callable[[], dict] | None = None  # what else a checkpoint holds (TrainState.extra: the EMA)
+    load_extra: Callable[[dict], None] | None = None  # restores it on resume
 
 
 def plan_steps(cfg: TrainStageConfig, n_rows: int, world: int) -> tuple[int, int]:
@@ -63,6 +66,8 @@ def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> tuple[MetricsLog, Tra
             f"{cfg.micro_batch_size * accum * world} = micro {cfg.micro_batch_size} x accum {accum} x {world} procs")
 
     state, log = resume(ctx, {"engine": engine})
+    if state.resumed_from and spec.load_extra is not None:
+        spec.load_extra(state.extra)
     step, epoch, micro_pos = state.global_step, state.epoch, state.pos
     if step == 0:
         log.log(0, {f"eval/{k}": v for k, v in spec.evaluate().items()})
@@ -82,6 +87,8 @@ def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> tuple[MetricsLog, Tra
             engine.step()
             if (mi + 1) % accum == 0:
                 check_finite_grad_norm(engine, ctx.stage)
+                if spec.after_step is not None:
+                    spec.after_step()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             if (mi + 1) % accum:
@@ -100,6 +107,8 @@ def run_loop(ctx: StageContext, engine, spec: LoopSpec) -> tuple[MetricsLog, Tra
             progress.update(1, **{k: v for k, v in row.items() if k in ("loss", "accuracy")})
             if step % cfg.checkpoint_every == 0 and step < total:
                 state.global_step, state.epoch, state.pos = step, epoch, mi + 1
+                if spec.extra_state is not None:
+                    state.extra = spec.extra_state()
                 save_checkpoint(ctx, {"engine": engine}, state)
             maybe_inject_fault(ctx.stage, step)
             if step >= total:

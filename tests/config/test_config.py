@@ -100,6 +100,65 @@ def test_lengths_must_fit_the_actor():
         load_config("tiny", {"rl.generation.max_answer_len": 60})
 
 
+# ------------------------------------------------------------------------------------------ step-3 algorithms
+
+
+@pytest.mark.parametrize(
+    "overrides, expect",
+    [
+        ({"rl.algorithm": "grpo"}, "rl.algorithm grpo compares the answers to one prompt, but rl.n_samples_per_prompt is 1"),
+        ({"rl.algorithm": "rloo", "rl.n_samples_per_prompt": 1}, "set it to 2 or more"),
+        ({"rl.algorithm": "reinforce_pp", "rl.n_samples_per_prompt": 3, "rl.train_micro_batch_size": 64},
+         "n_samples_per_prompt (96) must be a multiple of train_micro_batch_size (64)"),  # 32 prompts x 3 answers
+        ({"rl.algorithm": "vtrace"}, "rl.algorithm: Input should be 'ppo', 'grpo', 'rloo', 'reinforce_pp' or 'dpo'"),
+        ({"reward.use_model": False}, "rl.algorithm ppo needs a reward: set reward.function"),
+        ({"reward.function": "tiny_task.gold_reward"}, "reward.function 'tiny_task.gold_reward' is not a function reference"),
+        ({"eval.gold_reward": "rlhf_core/data/tiny_task.py"}, "eval.gold_reward 'rlhf_core/data/tiny_task.py' is not"),
+        ({"eval.reward_model": False, "eval.gold_reward": None}, "eval.reward_model false leaves evaluation nothing"),
+        ({"rl.dpo.label_smoothing": 0.5}, "rl.dpo.label_smoothing: Input should be less than 0.5"),
+        ({"rl.policy_loss": "dual_clip"}, "rl.policy_loss: Input should be 'ppo_clip' or 'gspo'"),
+    ],
+)
+def test_bad_algorithm_settings_name_the_key(overrides, expect):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    assert expect in str(e.value)
+
+
+def test_algorithm_settings_and_their_derived_values():
+    ppo = load_config("tiny")
+    assert (ppo.rl.algorithm, ppo.rl.advantage_estimator, ppo.rl.uses_critic, ppo.rl.whiten) == ("ppo", "gae", True, True)
+    grpo = load_config("tiny", {"rl.algorithm": "grpo", "rl.n_samples_per_prompt": 4, "rl.rollout_batch_size": 8})
+    assert (grpo.rl.uses_critic, grpo.rl.whiten, grpo.rl.rows_per_step) == (False, False, 32)
+    rpp = load_config("tiny", {"rl.algorithm": "reinforce_pp", "rl.whiten_advantages": False})
+    assert rpp.rl.whiten is False  # an explicit setting wins over the algorithm's own
+    # DPO has no rollouts: the rollout batch need not divide into micro-batches
+    assert load_config("tiny", {"rl.algorithm": "dpo", "rl.train_micro_batch_size": 5}).rl.algorithm == "dpo"
+    # a rule alone needs no reward model; the old gold_reward names still work
+    rule = load_config("tiny", {"reward.use_model": False, "reward.function": "rlhf_core.data.tiny_task:gold_reward"})
+    assert rule.reward.function == "rlhf_core.data.tiny_task:gold_reward"
+    assert load_config("tiny", {"eval.gold_reward": "tiny_task"}).eval.gold_reward == "rlhf_core.data.tiny_task:gold_reward"
+    assert load_config("tiny", {"eval.gold_reward": "none"}).eval.gold_reward is None
+
+
+def test_config_choices_match_the_maths_registries():
+    """The schema names what the torch-only maths implements (the config layer does not import torch)."""
+    import typing
+
+    from rlhf_core.config import schema
+    from rlhf_core.maths import algos
+    from rlhf_core.maths.advantages import ADVANTAGE_ESTIMATORS
+    from rlhf_core.maths.preference import PREFERENCE_LOSSES
+
+    assert set(typing.get_args(schema.PolicyLoss)) == set(algos.POLICY_LOSSES)
+    assert typing.get_args(schema.LossAgg) == typing.get_args(algos.LossAgg)
+    assert set(typing.get_args(schema.PreferenceLossType)) == set(PREFERENCE_LOSSES)
+    algorithms = set(typing.get_args(schema.RLAlgorithm)) - {"dpo"}
+    assert {load_config("tiny", {"rl.algorithm": a, "rl.n_samples_per_prompt": 2}).rl.advantage_estimator
+            for a in algorithms} == set(ADVANTAGE_ESTIMATORS)
+    assert set(schema.ALGORITHM_NAMES) == set(typing.get_args(schema.RLAlgorithm))
+
+
 # ------------------------------------------------------------------------------------------------ paths
 
 

@@ -97,14 +97,41 @@ def test_typed_form_fields_map_onto_dotted_overrides():
         RunParams(rl_max_steps=0)  # the form's bounds hold outside the UI too
 
 
-def test_stage_flows_run_their_stage_and_what_it_is_made_from():
+def test_stage_flows_run_their_stage_and_what_it_is_made_from(tmp_path):
     from rlhf_core.stages import registry as stages
+    from tests.conftest import tiny_config
 
-    assert stages.needed_for("reward") == {"data", "reward"}
-    assert stages.needed_for("rl") == {"data", "sft", "reward", "rl"}
-    assert stages.needed_for("evaluate") == set(stages.ORDER)
+    cfg = tiny_config(tmp_path)
+    assert stages.needed_for("reward", cfg) == {"data", "reward"}
+    assert stages.needed_for("rl", cfg) == {"data", "sft", "reward", "rl"}
+    assert stages.needed_for("evaluate", cfg) == set(stages.ORDER)
     with pytest.raises(ValueError, match="unknown stage 'ppo'; stages are data, sft"):
-        stages.needed_for("ppo")
+        stages.needed_for("ppo", cfg)
+    # DPO learns from the preference pairs: step 3 reads no reward model; evaluation still scores with one
+    dpo = tiny_config(tmp_path, **{"rl.algorithm": "dpo"})
+    assert stages.needed_for("rl", dpo) == {"data", "sft", "rl"}
+    assert stages.needed_for("evaluate", dpo) == set(stages.ORDER)
+    rules = tiny_config(tmp_path, **{"rl.algorithm": "dpo", "eval.reward_model": False})
+    assert stages.needed_for("evaluate", rules) == set(stages.ORDER) - {"reward"}
+    # a rule-based reward alone: GRPO needs no reward model, PPO still starts its critic from one
+    grpo = tiny_config(tmp_path, **{"rl.algorithm": "grpo", "rl.n_samples_per_prompt": 4, "reward.use_model": False,
+                                    "reward.function": "rlhf_core.data.tiny_task:gold_reward"})
+    assert stages.needed_for("rl", grpo) == {"data", "sft", "rl"}
+    ppo = tiny_config(tmp_path, **{"reward.use_model": False, "reward.function": "rlhf_core.data.tiny_task:gold_reward"})
+    assert stages.needed_for("rl", ppo) == {"data", "sft", "reward", "rl"}
+
+
+def test_rlhf_config_shows_the_algorithm_keys(capsys):
+    import json
+
+    assert main(["config", "--profile", "tiny", "--set", "rl.algorithm=grpo", "--set", "rl.n_samples_per_prompt=4",
+                 "--set", "rl.kl.use_kl_loss=true"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["rl"]["algorithm"], cfg["rl"]["n_samples_per_prompt"], cfg["rl"]["kl"]["use_kl_loss"]) == ("grpo", 4, True)
+    assert {"beta", "loss_type", "label_smoothing"} <= set(cfg["rl"]["dpo"])
+    assert {"function", "use_model", "function_weight"} <= set(cfg["reward"])
+    assert main(["config", "--profile", "tiny", "--set", "rl.algorithm=grpo"]) == 2  # refused: n_samples_per_prompt 1
+    assert "rl.n_samples_per_prompt is 1" in capsys.readouterr().err
 
 
 def test_rlhf_profiles_lists_each_profile_with_its_purpose(monkeypatch, tmp_path, capsys):

@@ -54,7 +54,7 @@ def test_the_terminal_shows_each_stage_start_progress_and_end_and_no_third_party
     for stage in ("sft", "reward", "rl", "evaluate"):  # the workers: their start-up and CPU time
         assert re.search(rf"{stage}: done in [\d.]+ s \(worker: (ready to train in [\d.]+ s, )?[\d.]+ s CPU\)", out)
     assert re.search(r"sft 600/600 \[[\d:]+<00:00, +[\d.]+ step/s\] loss [\d.]+", out)
-    assert re.search(r"reward 500/500 \[[\d:]+<00:00, +[\d.]+ step/s\] loss [\d.]+ accuracy [\d.]+", out)
+    assert re.search(r"reward 1000/1000 \[[\d:]+<00:00, +[\d.]+ step/s\] loss [\d.]+ accuracy [\d.]+", out)
     assert re.search(r"rl \d+/50 \[[\d:]+<[\d:?]+, +[\d.?]+ step/s\] reward [-\d.]+ kl [-\d.]+", out)
     # One line per update, each prefixed by its task run: sft and reward training at once stay readable.
     progress = [line for line in out.splitlines() if re.search(r"(sft|reward) \d+/\d+ \[", line)]
@@ -141,6 +141,6 @@ def test_rlhf_eval_of_a_model_with_another_vocabulary(first_run, prefect_harness
     save_causal_lm(build_causal_lm(cfg.models.actor, tok), tok, str(tmp_path / "mine"))
     table = eval_model_flow(RunParams(profile="tiny", storage_root=str(root)), str(tmp_path / "mine"), "mine",
                             str(tmp_path / "out"))
-    assert set(table["mine"]) == {"reward_score", "win_rate_vs_sft", "answer_len", "gold_reward"}
+    assert set(table["mine"]) == {"reward_score", "win_rate_vs_sft", "answer_len", "gold_reward", "gold_win_rate_vs_sft"}
     assert set(table["sft"]) == set(table["mine"]) | {"kl_to_sft", "ptx_perplexity"}
     assert "| mine |" in (tmp_path / "out" / "report.md").read_text() and "n/a" in (tmp_path / "out" / "report.md").read_text()

@@ -91,6 +91,13 @@ def test_a_step_without_data_is_refused_unless_the_run_stops_before_it(no_flow, 
         main(["run", "--until", "sft", "--set", "data.split=1,0,1", "--set", f"storage.root={root}"])
 
 
+def test_dpo_needs_the_reward_steps_pairs_even_without_a_reward_model(no_flow, tmp_path, capsys):
+    root = tmp_path / "store"
+    err = _refused(capsys, "--until", "rl", "--set", "rl.algorithm=dpo", "--set", "data.split=1,0,1",
+                   "--set", f"storage.root={root}")
+    assert "no source feeds the reward step (data.split is 1,0,1" in err
+
+
 def test_the_flow_checks_before_its_first_task(tmp_path):
     """Outside the CLI (a deployment run from the UI) the flow refuses before submitting a task."""
     (tmp_path / "root").write_text("x")

@@ -151,3 +151,62 @@ def test_ema_limits():
     assert torch.equal(keep.shadow["weight"], start["weight"])  # beta 1: never moves
     assert torch.equal(follow.shadow["weight"], model.weight)  # beta 0: equals the weights
     assert torch.allclose(half.shadow["weight"], start["weight"] + 0.5)
+
+
+def test_loss_aggregation_by_hand():
+    from rlhf_core.maths.algos import aggregate_loss
+
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert aggregate_loss(loss, mask, "token-mean").item() == pytest.approx(2.5)  # (1 + 2 + 3 + 4) / 4
+    assert aggregate_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx(3.0)  # (6 / 3 + 4 / 1) / 2
+    # Dr.GRPO: (6 / 4 + 4 / 4) / 2 with the constant 4 (the longest answer allowed)
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum-norm", max_len=4).item() == pytest.approx(1.25)
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        aggregate_loss(loss, mask, "sum")
+
+
+def test_length_unbiased_aggregation_weighs_every_token_alike():
+    """token sum / constant: a token of a long answer moves the loss as much as a token of a short one."""
+    from rlhf_core.maths.algos import aggregate_loss
+
+    mask = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    for agg, same in (("seq-mean-token-sum-norm", True), ("seq-mean-token-mean", False)):
+        loss = torch.zeros(2, 4, requires_grad=True)
+        aggregate_loss(loss, mask, agg, max_len=4).backward()
+        assert bool(loss.grad[0, 0] == loss.grad[1, 0]) is same, agg
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_aggregated_losses_ignore_masked_positions(agg):
+    from rlhf_core.maths.algos import POLICY_LOSSES, compute_kl_loss
+
+    torch.manual_seed(5)
+    logp, old, ref, adv = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float)
+    before = [f(logp, old, adv, mask, 0.2, agg, 4)[0] for f in POLICY_LOSSES.values()] + [compute_kl_loss(logp, ref, mask, "k3", agg, 4)]
+    logp[mask == 0], ref[mask == 0] = 50.0, -50.0
+    after = [f(logp, old, adv, mask, 0.2, agg, 4)[0] for f in POLICY_LOSSES.values()] + [compute_kl_loss(logp, ref, mask, "k3", agg, 4)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_gspo_uses_one_clipped_ratio_per_answer():
+    from rlhf_core.maths.algos import compute_gspo_loss
+
+    # token log-ratios [ln 2, 0] -> sequence ratio exp(ln 2 / 2) = sqrt 2 = 1.414 for both tokens; A = 1
+    logp = torch.tensor([[math.log(2.0), 0.0]], requires_grad=True)
+    loss, m = compute_gspo_loss(logp, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), clip_range=0.2)
+    assert loss.item() == pytest.approx(-1.2) and m["clipfrac"].item() == 1.0  # max(-1.414, -1.2) per token
+    loose = logp.detach().clone().requires_grad_(True)
+    loss, _ = compute_gspo_loss(loose, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), clip_range=10.0)
+    assert loss.item() == pytest.approx(-math.sqrt(2.0))
+    loss.backward()  # token form: d/dlogp_t of -A * ratio_t / 2 tokens = -sqrt 2 / 2 for each token
+    assert torch.allclose(loose.grad, torch.full((1, 2), -math.sqrt(2.0) / 2))
+
+
+def test_kl_loss_by_hand():
+    from rlhf_core.maths.algos import compute_kl_loss
+
+    # log r = ref - logp = [-0.5, 1.0]; k3 = e^-0.5 - 1 + 0.5 = 0.1065, e - 1 - 1 = 0.7183; mean 0.4124
+    got = compute_kl_loss(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]]), torch.ones(1, 2), "k3")
+    assert got.item() == pytest.approx((math.exp(-0.5) - 0.5 + math.e - 2.0) / 2)

@@ -107,7 +107,7 @@ def recorded(tmp_path_factory):
     cfg = tiny_config(tmp_path_factory.mktemp("recorded"), **SMALL)
     out: dict[str, tuple[Manifest, set[str], set[str]]] = {}
     for name in registry.ORDER:
-        upstream = {up: out[up][0] for up in registry.stage(name).inputs}
+        upstream = {up: out[up][0] for up in registry.inputs(name, cfg)}
         out[name] = _run_recorded(cfg, name, upstream)
     return out
 
@@ -176,6 +176,8 @@ def _candidates(path: str, value: Any, tmp: Path) -> list[Any]:
     if isinstance(value, float):
         return [round(value * 0.5, 6) if value else 0.5, round(value + 0.05, 6), value * 2 + 1]
     if isinstance(value, str):
+        if ":" in value and "://" not in value:  # a function reference: another function
+            return ["rlhf_core.data.tiny_task:prompt_topic"]
         if (tmp / "src").exists() and Path(value).exists():
             return [_changed_copy(Path(value), tmp / path)]
         return [value + "-changed", "s3://bucket/changed", "changed"]
@@ -193,7 +195,10 @@ def _candidates(path: str, value: Any, tmp: Path) -> list[Any]:
         if "float" in text:
             out += [0.5, 120.0]
         if "str" in text:
-            out += ["changed", "0 3 * * *", str(_changed_copy(Path(__file__), tmp / path))]
+            out += ["changed", "0 3 * * *", str(_changed_copy(Path(__file__), tmp / path)),
+                    "rlhf_core.data.tiny_task:gold_reward"]
+        if "bool" in text:
+            out += [True, False]
         return out
     raise AssertionError(f"no candidate for {path}={value!r}")
 
@@ -250,9 +255,9 @@ def test_every_leaf_changes_exactly_the_keys_of_the_stages_that_read_it(tmp_path
     assert bad == []
     # Every other leaf was changed to a valid value. These cannot change alone: a model is either pretrained
     # or built from an architecture; the source's layout decides its files; offloading needs ZeRO; several
-    # processes need a multi-process launcher.
+    # processes need a multi-process launcher; step 3 needs a reward model or a reward function.
     alone = {"data.sources.0.name", "models.actor.name_or_path", "models.reward.name_or_path",
-             "resources.nnodes", "resources.nproc_per_node"}
+             "resources.nnodes", "resources.nproc_per_node", "reward.use_model"}  # the last needs reward.function
     alone |= {f"{s}.deepspeed.{f}" for s in ("sft", "reward", "rl.actor", "rl.critic")
               for f in ("offload_optimizer", "offload_params")}
     assert n > 150 and set(untried) <= alone, sorted(set(untried) - alone)
@@ -317,7 +322,7 @@ def _run_pipeline(cfg: PipelineConfig) -> dict[str, Manifest]:
 
     out: dict[str, Manifest] = {}
     for name in registry.ORDER:
-        out[name] = run_stage_here(cfg, name, {up: out[up] for up in registry.stage(name).inputs})
+        out[name] = run_stage_here(cfg, name, {up: out[up] for up in registry.inputs(name, cfg)})
     return out
 
 
@@ -342,3 +347,32 @@ def test_outputs_with_equal_keys_hold_equal_bytes(tmp_path):
         else:
             assert same == registry.ORDER
     assert Store.from_config(tiny_config(tmp_path / "base").storage).has_output(registry.EVALUATE, base["evaluate"].key)
+
+
+def test_function_keyed_fields_are_marked_in_the_schema_and_views():
+    from rlhf_core.config.schema import FUNCTION_KEYED, EvalConfig, RewardConfig
+    from rlhf_core.config.views import RewardSignal, RLSettings
+
+    marked = {f"{cls.__name__}.{n}" for cls in (EvalConfig, RewardConfig, RewardSignal, RLSettings)
+              for n, f in cls.model_fields.items() if f.json_schema_extra == FUNCTION_KEYED}
+    assert marked == {"EvalConfig.gold_reward", "RewardConfig.function", "RewardSignal.function", "RLSettings.gold_reward"}
+
+
+def test_a_stages_inputs_follow_its_settings(tmp_path):
+    """DPO (and a rule-based reward alone, without a critic) reads no reward model: its key does not change
+    with the reward output, and its manifest names no reward input; PPO's does."""
+    from rlhf_core.stages.launch import make_job
+
+    up = _fake_upstream()
+    other_reward = {**up, "reward": up["reward"].model_copy(update={"content_id": "another-reward-model"})}
+    ppo = tiny_config(tmp_path)
+    dpo = tiny_config(tmp_path, **{"rl.algorithm": "dpo"})
+    rule = tiny_config(tmp_path, **{"rl.algorithm": "rloo", "rl.n_samples_per_prompt": 2, "reward.use_model": False,
+                                    "reward.function": "rlhf_core.data.tiny_task:gold_reward"})
+    assert registry.key("rl", ppo, up) != registry.key("rl", ppo, other_reward)
+    for cfg in (dpo, rule):
+        assert registry.inputs("rl", cfg) == ("data", "sft")
+        assert registry.key("rl", cfg, up) == registry.key("rl", cfg, other_reward)
+        assert set(make_job(cfg, "rl", registry.key("rl", cfg, up), up).upstream) == {"data", "sft"}
+    with pytest.raises(ValueError, match="reads the outputs of reward under this config, but none was given"):
+        make_job(ppo, "rl", "k", {k: v for k, v in up.items() if k != "reward"})
