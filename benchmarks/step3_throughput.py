@@ -282,9 +282,17 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--report", metavar="DIR", help="print the tables from DIR's step3_device.json and "
+                    "step3_rows.jsonl (rows of a run cut short) and exit")
     args = ap.parse_args()
     if args.one:
         print("@@result " + json.dumps(run_one(**json.loads(args.one))), flush=True)
+        return
+    if args.report:
+        with open(os.path.join(args.report, "step3_device.json")) as f:
+            dev = json.load(f)
+        with open(os.path.join(args.report, "step3_rows.jsonl")) as f:
+            report(dev, [json.loads(line) for line in f if line.strip()], {}, args.out)
         return
 
     pairs = ([(r.split(":")[0], int(r.split(":")[1])) for r in args.runs] if args.runs else
@@ -293,6 +301,8 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown modes {unknown}; modes are {sorted(MODES)}")
     dev = measure_device()
+    with open(os.path.join(args.out, "step3_device.json"), "w") as f:  # kept even if the run is cut short
+        json.dump(dev, f)
     rows = []
     for mode, batch in pairs:  # one process each; each row is also appended to step3_rows.jsonl as it comes
         one = {"mode": mode, "batch": batch, "steps": args.steps, "micro": args.micro}
@@ -310,7 +320,11 @@ def main() -> None:
         with open(os.path.join(args.out, "step3_rows.jsonl"), "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
     check = {} if args.no_check else greedy_check()
+    report(dev, rows, check, args.out)
 
+
+def report(dev: dict, rows: list[dict], check: dict, out: str) -> None:
+    """Derived rates for each row, the raw JSON under ``out`` and the tables on stdout."""
     L, h, V = OPT_1_3B["num_hidden_layers"], OPT_1_3B["hidden_size"], OPT_1_3B["vocab_size"]
     cL, ch = OPT_350M["num_hidden_layers"], OPT_350M["hidden_size"]
     seq = PROMPT + ANSWER
@@ -325,7 +339,7 @@ def main() -> None:
                  samples_s=b / r["e2e"])
         r["roofline_share"] = r["gen_tokens_s"] / r["roofline_tokens_s"]
         r["peak_share"] = r["train_tflops"] / dev["matmul_peak_tflops"]
-    with open(os.path.join(args.out, "step3_throughput.json"), "w") as f:
+    with open(os.path.join(out, "step3_throughput.json"), "w") as f:
         json.dump({**dev, "rows": rows, "greedy_check": check}, f, indent=2)
 
     print(f"\nStep 3, OPT-1.3B actor + OPT-350M critic/reward, prompt {PROMPT} + answer {ANSWER}, {dev['device']}; "
