@@ -43,9 +43,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     preflight(cfg, args.until)  # the store, a reward.existing, the sources' files, a step without data
     if cfg.resources.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU runs
-    from flows.environment import prefect_defaults
+    from flows.environment import prefect_defaults, temporary_server_dies_with_this_process
 
     prefect_defaults()
+    temporary_server_dies_with_this_process()
     if args.until == EVALUATE:
         from flows.pipeline import rlhf_pipeline
 

@@ -75,13 +75,14 @@ def producer() -> dict[str, Any]:
 
 
 def run_once(cfg: PipelineConfig, stage: str, key: str, upstream: dict[str, Manifest],
-             run: Callable[[], Manifest], gpu_slots: int = 0) -> Manifest | State:
-    """Produce ``<stage>/<key>`` with ``run()`` unless the store has it or another run produces it.
+             run: Callable[[StageLease], Manifest], gpu_slots: int = 0) -> Manifest | State:
+    """Produce ``<stage>/<key>`` with ``run(lease)`` unless the store has it or another run produces it.
 
     Under the stage's lease, look for the manifest again (a run that waited for the holder finds it and is
     Cached), else hold ``gpu_slots`` slots of ``rlhf-gpu`` and run. A run that takes over from a killed
-    holder resumes from the holder's checkpoints. Slots are taken inside the lease, never the other way
-    round: a run waiting for a lease holds no GPU (and two runs cannot deadlock on lease and slots).
+    holder (at once if it was on this machine, else when its lease expires) resumes from the holder's
+    checkpoints. Slots are taken inside the lease, never the other way round: a run waiting for a lease
+    holds no GPU (and two runs cannot deadlock on lease and slots).
     """
     store = store_for(cfg)
     existing = store.read_manifest(stage, key)
@@ -95,7 +96,7 @@ def run_once(cfg: PipelineConfig, stage: str, key: str, upstream: dict[str, Mani
         if existing is not None:
             return cached(existing, store)
         with gpu_slots_held(cfg, gpu_slots):
-            manifest = run()
+            manifest = run(lease)
     if lease.lost.is_set():
         logger.warning("the lease on %s was lost while it ran (another run may have produced it too)", stage)
     return manifest
@@ -183,12 +184,12 @@ def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest], gp
     key = registry.key(stage, cfg, upstream)
     store = store_for(cfg)
 
-    def run() -> Manifest:
+    def run(lease: StageLease) -> Manifest:
         job = make_job(cfg, stage, key, upstream, producer())
         if not registry.stage(stage).worker or cfg.resources.launcher == "inprocess":
             run_job(job)
         else:
-            _stream(command(cfg.resources, stage, write_job(store, job)), stage, cfg)
+            _stream(command(cfg.resources, stage, write_job(store, job)), stage, cfg, lease)
         manifest = store.read_manifest(stage, key)
         if manifest is None:
             raise StageFailed(f"{stage} finished without writing {store.url_of(stage, key)}/manifest.json")
@@ -197,14 +198,21 @@ def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest], gp
     return run_once(cfg, stage, key, upstream, run, gpu_slots=gpu_slots)
 
 
-def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> None:
+def _stream(cmd: list[str], stage: str, cfg: PipelineConfig, lease: StageLease) -> None:
+    """Run a worker and stream its output. The worker gets its own session (so its group holds it, and a
+    launcher's ranks, and nothing else); the group is stopped with this process however this process dies
+    (``rlhf_core.stages.reaper``), and is recorded in the lease, so that nobody takes the stage over while
+    it may still write."""
     import collections
     import json
+    import signal
     import subprocess
 
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+    from rlhf_core.stages import reaper
     from rlhf_core.stages.launch import worker_env
+    from rlhf_core.storage.process import process_id
     from rlhf_core.trainers.metrics import PROGRESS_PREFIX
 
     logger = get_run_logger()
@@ -212,7 +220,11 @@ def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> None:
     artifact = create_progress_artifact(0.0, description=f"{stage}: training progress")
     tail: collections.deque[str] = collections.deque(maxlen=30)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=worker_env(cfg.resources.cpu_threads))
+                            env=worker_env(cfg.resources.cpu_threads), start_new_session=True)
+    group = process_id(proc.pid)  # None: it has already exited
+    if group is not None:
+        reaper.adopt(group, group=True)
+        lease.add_worker(group)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -226,9 +238,14 @@ def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> None:
                 logger.info(line)
         code = proc.wait()
     except BaseException:
+        if group is not None:
+            group.kill(signal.SIGKILL, group=True)  # the launcher and its ranks, not only the launcher
         proc.kill()
         proc.wait()
         raise
+    finally:
+        if group is not None:
+            reaper.forget(group)
     if code != 0:
         raise StageFailed(f"{stage} worker exited with code {code}; last output:\n" + "\n".join(tail))
 
