@@ -43,10 +43,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     preflight(cfg, args.until)  # the store, a reward.existing, the sources' files, a step without data
     if cfg.resources.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU runs
-    from flows.environment import prefect_defaults, temporary_server_dies_with_this_process
+    from flows.environment import one_line_operational_failures, prefect_defaults, temporary_server_dies_with_this_process
 
     prefect_defaults()
     temporary_server_dies_with_this_process()
+    one_line_operational_failures()
     if args.until == EVALUATE:
         from flows.pipeline import rlhf_pipeline
 
@@ -125,6 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelLoadError) as e:
         print(f"rlhf: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        message = _operational(e)
+        if message is None:
+            raise
+        print(f"rlhf: {message}", file=sys.stderr)
+        return 1
+
+
+def _operational(e: Exception) -> str | None:
+    """One line for a run that failed for an operational reason (its store cannot be reached, a stage worker
+    exited), or None for anything else (a bug: its traceback is wanted). Imports nothing: a command that never
+    loaded those modules cannot have raised their errors."""
+    store, runner = sys.modules.get("rlhf_core.storage.store"), sys.modules.get("tasks.runner")
+    if store is not None and isinstance(e, store.StoreUnavailable):
+        return str(e)
+    if runner is not None and isinstance(e, runner.StageFailed):  # the worker's output is in the log above
+        return (f"{str(e).splitlines()[0]} (its output is above); after a fix, run the same command again: "
+                "finished stages are kept and this one resumes from its latest complete checkpoint")
+    return None
 
 
 if __name__ == "__main__":

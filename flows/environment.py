@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -29,3 +30,40 @@ def temporary_server_dies_with_this_process() -> None:
     child = process_id(server.server_process.pid) if server.server_process else None
     if child is not None:
         reaper.adopt(child)
+
+
+class OneLineFailures:
+    """A console formatter that leaves out the Python traceback of the given (operational) exceptions:
+    for a store that cannot be reached or a worker that exited, Prefect's traceback of the task says nothing
+    the message does not (a worker's own output is already in the log above it). Other handlers (the Prefect
+    API's, so the UI) still get the whole record."""
+
+    def __init__(self, inner: logging.Formatter | None, quiet: tuple[type[BaseException], ...]):
+        self.inner = inner or logging.Formatter()
+        self.quiet = quiet
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info and isinstance(record.exc_info[1], self.quiet)):
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def one_line_operational_failures() -> None:
+    """Console output of the ``rlhf`` commands: no traceback for a store that cannot be reached or a stage
+    worker that failed (``OneLineFailures``); everything else as Prefect logs it."""
+    from rlhf_core.storage.store import StoreUnavailable
+    from tasks.runner import StageFailed
+
+    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(handler.formatter, OneLineFailures):
+                handler.setFormatter(OneLineFailures(handler.formatter, (StoreUnavailable, StageFailed)))

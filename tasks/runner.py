@@ -23,7 +23,8 @@ from prefect.states import Completed, State
 from rlhf_core.config import ConfigError, PipelineConfig
 from rlhf_core.stages import registry
 from rlhf_core.storage.lease import StageLease
-from rlhf_core.storage.store import Manifest, Store, hash_key
+from rlhf_core.storage.store import (STORE_UNAVAILABLE_EXIT, Manifest, Store, StoreUnavailable, hash_key, unavailable,
+                                    unreachable)
 
 GPU_LIMIT = "rlhf-gpu"  # Prefect global concurrency limit that training stages take GPU slots from
 
@@ -45,7 +46,12 @@ def cache_key_fn(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str |
     def fn(_ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
         key = registry.key(stage, params["cfg"], inputs_of(stage, params))
         store = store_for(params["cfg"])
-        cid = store.manifest_id(stage, key)
+        try:
+            cid = store.manifest_id(stage, key)
+        except Exception as e:  # the task itself meets the store next and says what is wrong, once
+            if unreachable(e):
+                return None
+            raise
         return f"{stage}-{key}-{cid[:16]}-{hash_key(store.url)[:8]}" if cid else None
 
     return fn
@@ -85,18 +91,23 @@ def run_once(cfg: PipelineConfig, stage: str, key: str, upstream: dict[str, Mani
     holds no GPU (and two runs cannot deadlock on lease and slots).
     """
     store = store_for(cfg)
-    existing = store.read_manifest(stage, key)
-    if existing is not None:  # the common case needs no lease
-        return cached(existing, store)
     logger = _logger()
     lease = StageLease(store, stage, key, ttl=cfg.storage.lease_seconds, holder=producer(),
                        upstream={s: m.key for s, m in upstream.items()}, log=logger.info)
-    with lease:
+    try:
         existing = store.read_manifest(stage, key)
-        if existing is not None:
+        if existing is not None:  # the common case needs no lease
             return cached(existing, store)
-        with gpu_slots_held(cfg, gpu_slots):
-            manifest = run(lease)
+        with lease:
+            existing = store.read_manifest(stage, key)
+            if existing is not None:
+                return cached(existing, store)
+            with gpu_slots_held(cfg, gpu_slots):
+                manifest = run(lease)
+    except Exception as e:
+        if unreachable(e):
+            raise unavailable(store.url, e) from None
+        raise
     if lease.lost.is_set():
         logger.warning("the lease on %s was lost while it ran (another run may have produced it too)", stage)
     return manifest
@@ -222,10 +233,10 @@ def _stream(cmd: list[str], stage: str, cfg: PipelineConfig, lease: StageLease) 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env=worker_env(cfg.resources.cpu_threads), start_new_session=True)
     group = process_id(proc.pid)  # None: it has already exited
-    if group is not None:
-        reaper.adopt(group, group=True)
-        lease.add_worker(group)
     try:
+        if group is not None:
+            reaper.adopt(group, group=True)
+            lease.add_worker(group)
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
@@ -246,6 +257,8 @@ def _stream(cmd: list[str], stage: str, cfg: PipelineConfig, lease: StageLease) 
     finally:
         if group is not None:
             reaper.forget(group)
+    if code == STORE_UNAVAILABLE_EXIT:
+        raise StoreUnavailable(tail[-1].split("] ", 1)[-1] if tail else f"{stage}: the store cannot be reached")
     if code != 0:
         raise StageFailed(f"{stage} worker exited with code {code}; last output:\n" + "\n".join(tail))
 

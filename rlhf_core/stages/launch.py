@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from rlhf_core.config import PipelineConfig, ResourcesConfig, StorageConfig
 from rlhf_core.stages.context import DistInfo, StageContext
 from rlhf_core.stages.registry import Stage, key_of_settings, stage
-from rlhf_core.storage.store import Manifest, Store
+from rlhf_core.storage.store import STORE_UNAVAILABLE_EXIT, Manifest, Store, unavailable, unreachable
 
 ENTRY = "rlhf_core.stages.launch"
 # Set by a launcher for its own processes; a worker must get fresh ones from its own launcher.
@@ -157,11 +157,19 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     name, url = argv
-    job = read_job(url)
-    if job.stage != name:
-        print(f"launch: job {url} is for stage {job.stage!r}, not {name!r}", file=sys.stderr)
-        return 2
-    manifest = run_job(job)
+    job = None
+    try:
+        job = read_job(url)
+        if job.stage != name:
+            print(f"launch: job {url} is for stage {job.stage!r}, not {name!r}", file=sys.stderr)
+            return 2
+        manifest = run_job(job)
+    except Exception as e:
+        if not unreachable(e):
+            raise
+        # An outage of the store is not a bug: one line (the task turns the exit code into StoreUnavailable).
+        print(f"[{name}] {unavailable(job.runtime.storage.root if job else url, e)}", flush=True)
+        return STORE_UNAVAILABLE_EXIT
     if manifest is not None:
         print(f"[{name}] done: {manifest.stage}/{manifest.key} content {manifest.content_id[:12]}", flush=True)
     return 0

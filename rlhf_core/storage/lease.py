@@ -290,20 +290,30 @@ class StageLease:
         as gone (a worker orphaned by a killed holder may still be writing). Renews the lease with it."""
         with self._lock:
             self.workers.append(leader)
-        self.renew()
+        try:
+            self.renew()
+        except Exception as e:  # a store hiccup: the next heartbeat writes it
+            self.log(f"lease {self.url}: could not record worker {leader.describe()} yet ({type(e).__name__}: {e})")
 
     def release(self) -> None:
-        """Delete the lease if it is still ours and safely alive (else it simply expires)."""
+        """Delete the lease if it is still ours and safely alive (else it simply expires). Never raises: it
+        runs while an error may be on its way out, and a lease the store cannot take back now is broken at
+        once when this process is gone (or when it expires)."""
         self._stop_heartbeat()
         with self._lock:
             if self.generation is None:
                 return
-            current = self.read()
-            if (current is not None and current.generation == self.generation
-                    and current.expires_at - time.time() >= self.ttl * _SAFETY):
-                _remove(self.store, self.path)
-            self.generation = None
-            self.workers = []
+            try:
+                current = self.read()
+                if (current is not None and current.generation == self.generation
+                        and current.expires_at - time.time() >= self.ttl * _SAFETY):
+                    _remove(self.store, self.path)
+            except Exception as e:
+                self.log(f"lease {self.url} could not be released ({type(e).__name__}: {e}); the next run takes "
+                         "it over once this process has exited")
+            finally:
+                self.generation = None
+                self.workers = []
 
     # ---------------------------------------------------------------------------------------- heartbeat
     def start_heartbeat(self) -> None:

@@ -297,3 +297,28 @@ def test_a_waiter_says_who_holds_it_and_until_when_every_period(store):
     with pytest.raises(LeaseError):
         waiter.acquire(timeout=0.5)
     assert f"until {time.strftime('%H:%M:%S', time.localtime(holder.read().expires_at))}" in messages[0]
+
+
+def test_release_and_add_worker_never_raise_while_the_store_is_down(tmp_path, monkeypatch):
+    """They run while an error is on its way out (release) or right after a worker started (add_worker): an
+    outage of the store must neither mask the error nor leave the worker unwatched."""
+    store = Store(str(tmp_path))
+    a = _lease(store, ttl=30)
+    messages = []
+    a.log = messages.append
+    assert a.try_acquire()
+
+    def down(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connect call failed")
+
+    real = lease_mod.read_record
+    monkeypatch.setattr(lease_mod, "read_record", down)
+    a.add_worker(this_process())
+    assert "could not record worker" in messages[-1] and a.workers == [this_process()]
+    monkeypatch.setattr(lease_mod, "read_record", real)
+    assert a.renew() and a.read().workers == [this_process()]  # the next heartbeat writes it
+    monkeypatch.setattr(lease_mod, "read_record", down)
+    a.release()
+    assert "could not be released" in messages[-1] and a.generation is None
+    monkeypatch.setattr(lease_mod, "read_record", real)
+    assert a.read() is not None  # left for the next run: broken once this process is gone, or expired
