@@ -500,7 +500,8 @@ def cmd_s3(args: argparse.Namespace) -> dict:
         trial = {
             "trial": i, "stage": stage, "lease_seen": bool(took), "delay_s": round(delay, 2),
             "exit": code, "error_after_s": round(error_after, 1),
-            "last_line": lines[-1][:300] if lines else "", "tracebacks": text.count("Traceback (most recent call last)"),
+            "error_lines": [ln[:400] for ln in lines if ln.startswith("rlhf: ")],
+            "last_lines": [ln[:200] for ln in lines[-2:]], "tracebacks": text.count("Traceback (most recent call last)"),
             "manifests_written_during_outage": new_manifests, "manifests_missing_files": incomplete,
             "resume_exit": rcode, "resume_s": round(resumed.seconds, 1),
             "resumed_from_checkpoint": "resumed from checkpoint" in resumed.text(),
@@ -509,7 +510,8 @@ def cmd_s3(args: argparse.Namespace) -> dict:
         why = []
         if code in (0, None):
             why.append("the run did not fail" if code == 0 else "the run hung")
-        if not trial["last_line"].startswith("rlhf: "):
+        # One "rlhf: ..." line, at the end (Prefect's "Stopping temporary server" may follow it).
+        if len(trial["error_lines"]) != 1 or not any(ln.startswith("rlhf: ") for ln in lines[-2:]):
             why.append("no one-line rlhf: error at the end")
         if trial["tracebacks"]:
             why.append(f"{trial['tracebacks']} tracebacks printed")
@@ -543,11 +545,12 @@ def cmd_s3(args: argparse.Namespace) -> dict:
     print("\n(b) the tiny pipeline on a local S3 (moto) that dies mid-run")
     print(f"fresh run {steps[0]['s']:.0f} s; re-run {steps[1]['s']:.0f} s, all six Cached: {steps[1]['all_cached']}, "
           f"no object changed: {steps[1]['objects_unchanged']}")
-    print("| trial | store killed in | error after s | last line | tracebacks | partial output visible | next run | "
+    print("| trial | store killed in | error after s | error line | tracebacks | partial output visible | next run | "
           "re-run all Cached | passed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for t in trials:
-        print(f"| {t['trial']} | {t['stage']} | {t['error_after_s']} | `{t['last_line'][:90]}` | {t['tracebacks']} | "
+        said = t["error_lines"][0][:110] + "..." if t["error_lines"] else "(none)"
+        print(f"| {t['trial']} | {t['stage']} | {t['error_after_s']} | `{said}` | {t['tracebacks']} | "
               f"{bool(t['manifests_missing_files'])} | exit {t['resume_exit']}, {t['resume_s']:.0f} s"
               f"{', resumed' if t['resumed_from_checkpoint'] else ''} | {t['rerun_all_cached']} | "
               f"{t['passed'] or t['why']} |")

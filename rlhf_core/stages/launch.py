@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         if not unreachable(e):
             raise
         # An outage of the store is not a bug: one line (the task turns the exit code into StoreUnavailable).
-        print(f"[{name}] {unavailable(job.runtime.storage.root if job else url, e)}", flush=True)
+        root = job.runtime.storage.root if job else url.rsplit("/", 3)[0]  # <root>/<stage>/<key>/job.json
+        print(f"[{name}] {unavailable(root, e)}", flush=True)
         return STORE_UNAVAILABLE_EXIT
     if manifest is not None:
         print(f"[{name}] done: {manifest.stage}/{manifest.key} content {manifest.content_id[:12]}", flush=True)

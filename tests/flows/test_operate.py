@@ -132,9 +132,10 @@ def _sft_and_reward(cfg, data):
 
 @pytest.mark.parametrize("gpu_slots", [1, 0])
 def test_a_gpu_limit_of_one_never_runs_two_training_stages_at_once(prefect_harness, tiny_trained, tmp_path, gpu_slots):
-    """gpu_slots 0 is the negative control: the same two stages overlap."""
+    """gpu_slots 0 is the negative control: the same two stages overlap. SFT trains for 100 steps so that, on
+    a loaded machine too, the reward worker starts (and ends) inside SFT's span when nothing gates them."""
     root = copy_trained(tiny_trained, tmp_path / "store")
-    cfg = tiny_config(root, **{"sft.max_steps": 5, "reward.max_steps": 5, "resources.gpu_slots": gpu_slots})
+    cfg = tiny_config(root, **{"sft.max_steps": 100, "reward.max_steps": 5, "resources.gpu_slots": gpu_slots})
     ensure_gpu_limit(1)  # what `rlhf serve --gpus 1` does
     try:
         sft, reward = _sft_and_reward(cfg, tiny_trained["data"])
