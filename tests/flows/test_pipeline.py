@@ -74,3 +74,54 @@ def test_sft_and_reward_ran_at_the_same_time(first_run):
                        datetime.datetime.fromisoformat(m["created_at"]))
     (s1, e1), (s2, e2) = span["sft"], span["reward"]
     assert s1 < e2 and s2 < e1, span
+
+
+def test_a_sigkilled_rlhf_run_leaves_no_worker_and_no_server_running(tmp_path):
+    """`rlhf run` SIGKILLed while its workers train: they and Prefect's temporary server stop with it (its
+    reaper), and the leases it held name it, so that the next run can take them over at once."""
+    import json
+    import signal
+    import time
+
+    from rlhf_core.storage.process import process_id
+
+    root = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--set",
+                             f"storage.root={root}"], cwd=PROJECT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def children() -> dict[int, str]:
+        out = {}
+        for pid in os.listdir("/proc"):
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == proc.pid:
+                out[int(pid)] = cmd
+        return out
+
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # the temporary server and both training workers are up
+            kids = children()
+            workers = [p for p, c in kids.items() if "rlhf_core.stages.launch" in c]
+            server = [p for p, c in kids.items() if "uvicorn" in c]
+            recorded = [json.loads(p.read_text()).get("workers") for p in (root / "_leases").glob("*.json")]
+            if len(workers) == 2 and server and sum(bool(w) for w in recorded) == 2:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, kids
+            time.sleep(0.2)
+        ids = [process_id(p) for p in (*workers, *server)]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 120
+    while not all(i is None or i.gone() for i in ids):
+        assert time.monotonic() < deadline, "a worker or the temporary server outlived the killed rlhf run"
+        time.sleep(0.2)
+    leases = [json.loads(p.read_text()) for p in (root / "_leases").glob("*.json")]
+    assert {rec["stage"] for rec in leases} == {"sft", "reward"}
+    assert all(rec["process"]["pid"] == proc.pid and len(rec["workers"]) == 1 for rec in leases)
