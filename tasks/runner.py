@@ -22,7 +22,7 @@ from prefect.states import Completed, State
 
 from rlhf_core.config import ConfigError, PipelineConfig
 from rlhf_core.stages import registry
-from rlhf_core.storage.lease import StageLease
+from rlhf_core.storage.lease import LeaseRecord, StageLease
 from rlhf_core.storage.store import (STORE_UNAVAILABLE_EXIT, Manifest, Store, StoreUnavailable, hash_key, unavailable,
                                     unreachable)
 
@@ -99,6 +99,8 @@ def run_once(cfg: PipelineConfig, stage: str, key: str, upstream: dict[str, Mani
         if existing is not None:  # the common case needs no lease
             return cached(existing, store)
         with lease:
+            if lease.took_over is not None and lease.took_over.holder_gone():
+                mark_crashed(lease.took_over)
             existing = store.read_manifest(stage, key)
             if existing is not None:
                 return cached(existing, store)
@@ -111,6 +113,32 @@ def run_once(cfg: PipelineConfig, stage: str, key: str, upstream: dict[str, Mani
     if lease.lost.is_set():
         logger.warning("the lease on %s was lost while it ran (another run may have produced it too)", stage)
     return manifest
+
+
+def mark_crashed(gone: LeaseRecord) -> None:
+    """A run whose process died (SIGKILL) stays Running in Prefect's database: nothing reports its end. When
+    a lease is taken over from such a holder, mark its flow run and task run Crashed, saying who took over.
+    Best effort: a holder that reported to another Prefect server is not found here."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    who = producer().get("flow_run_name", "another run")
+    message = (f"its process ({gone.process.describe() if gone.process else 'unknown'}) is gone; {who} took over "
+               f"{gone.stage}/{gone.key}")
+    ids = gone.holder
+    try:
+        with get_client(sync_client=True) as client:
+            for run_id, read, write in ((ids.get("task_run_id"), client.read_task_run, client.set_task_run_state),
+                                        (ids.get("flow_run_id"), client.read_flow_run, client.set_flow_run_state)):
+                if run_id and not read(uuid.UUID(run_id)).state.is_final():
+                    write(uuid.UUID(run_id), Crashed(message=message), force=True)
+    except ObjectNotFound:
+        pass
+    except Exception as e:  # never fail a stage over bookkeeping
+        _logger().warning("could not mark the killed run %s Crashed in Prefect: %s", ids.get("flow_run_id"), e)
 
 
 @contextmanager

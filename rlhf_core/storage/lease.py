@@ -183,6 +183,7 @@ class StageLease:
         self.workers: list[ProcessId] = []
         self.owner = uuid.uuid4().hex
         self.generation: str | None = None
+        self.took_over: LeaseRecord | None = None  # the record this lease replaced, when it broke one
         self.lost = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -232,6 +233,7 @@ class StageLease:
             if current.breakable():
                 why = "expired" if current.expired() else f"gone ({current.process.describe()} exited)"
                 if self._under_claim(self.path, current.generation, self.try_acquire):
+                    self.took_over = current
                     self.log(f"lease {self.url}: took over from a holder that is {why} ({current.describe()})")
                     return
             elif current.generation != announced or time.monotonic() - last_log >= self.say_every:

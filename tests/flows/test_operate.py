@@ -105,6 +105,8 @@ def test_a_killed_reward_holder_is_taken_over_at_once(prefect_harness, tiny_trai
     holder.wait()
     lease = read_record(store, lease_path(store, "reward", key))
     assert lease is not None and not store.has_output("reward", key)  # killed while holding, nothing committed
+    killed_run = lease.holder["flow_run_id"]
+    assert _flow_run_state(killed_run) == "Running"  # nothing reported its end
     assert lease.process.pid == holder.pid and len(lease.workers) == 1  # the worker's group, in its own session
     deadline = time.monotonic() + 120
     while not lease.workers[0].group_gone():  # stopped by the killed process's reaper, not orphaned
@@ -118,6 +120,14 @@ def test_a_killed_reward_holder_is_taken_over_at_once(prefect_harness, tiny_trai
     assert started.timestamp() < lease.expires_at  # it did not wait for the lease to expire
     assert m.metrics["resumed_from"] and m.metrics["resumed_from"][0] >= 10  # from the killed run's checkpoint
     assert m.metrics["steps"] == 150 and m.producer["flow_run_id"] == str(state.state_details.flow_run_id)
+    assert _flow_run_state(killed_run) == "Crashed"  # marked by the run that took over
+
+
+def _flow_run_state(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state.name
 
 
 # -------------------------------------------------------------------------------------------- GPU slots
