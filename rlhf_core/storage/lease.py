@@ -79,13 +79,16 @@ class LeaseRecord(BaseModel):
         return self.expired() or self.holder_gone()
 
     def describe(self) -> str:
+        """Who holds it and until when, for the people waiting."""
         h = self.holder
-        who = ", ".join(f"{k} {h[k]}" for k in ("flow_run_name", "flow_run_id", "host", "pid") if h.get(k))
+        where = ", ".join(x for x in (f"flow run {h['flow_run_id']}" if h.get("flow_run_id") else "",
+                                      f"pid {h['pid']} on {h.get('host')}" if h.get("pid") else "") if x)
+        who = (f"run {h['flow_run_name']!r}" if h.get("flow_run_name") else "a run") + (f" ({where})" if where else "")
         left = self.expires_at - time.time()
         until = time.strftime("%H:%M:%S", time.localtime(self.expires_at))
         if left <= 0:
-            return f"held by {who or 'unknown'}; expired {-left:.0f}s ago"
-        return f"held by {who or 'unknown'} until {until} unless renewed (in {left:.0f}s)"
+            return f"held by {who}; expired {-left:.0f}s ago"
+        return f"held by {who} until {until} unless renewed (in {left:.0f}s)"
 
 
 def lease_path(store: Store, stage: str, key: str) -> str:
