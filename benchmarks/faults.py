@@ -483,10 +483,15 @@ def cmd_s3(args: argparse.Namespace) -> dict:
     trials = []
     for i in range(args.trials):
         sets = [f"models.actor.init_seed={10 + i}"]  # a new actor: sft, rl, export and evaluate to run
-        stage = rng.choice(["sft", "rl", "evaluate"])
+        stage = ["sft", "rl", "evaluate"][i % 3]
         killed = run(f"trial-{i}-outage", sets)
         took = wait_for(lambda: objects(f"rlhf/_leases/{stage}-"), killed, every=0.1)
-        delay = rng.uniform(0, 4)
+        if stage == "evaluate":  # no checkpoints: anywhere in its first seconds (worker start, sampling)
+            delay = rng.uniform(0, 10)
+        else:  # training: after its first checkpoint, so that the next run has one to resume from
+            wait_for(lambda: [k for k in objects(f"rlhf/{stage}/") if "/checkpoints/" in k and k.endswith("/COMPLETE")],
+                     killed, every=0.1)
+            delay = rng.uniform(0, 1.5)
         time.sleep(delay)
         manif_before = {k for k in objects() if k.endswith("/manifest.json")}
         endpoint.kill()
@@ -565,7 +570,7 @@ def cmd_s3(args: argparse.Namespace) -> dict:
         said = t["error_lines"][0][:110] + "..." if t["error_lines"] else "(none)"
         print(f"| {t['trial']} | {t['stage']} | {t['error_after_s']} | `{said}` | {t['tracebacks']} | "
               f"{bool(t['manifests_missing_files'])} | exit {t['resume_exit']}, {t['resume_s']:.0f} s"
-              f"{', resumed' if t['resumed_from_checkpoint'] else ''} | {t['rerun_all_cached']} | "
+              f"{', resumed from a checkpoint' if t['resumed_from_checkpoint'] else ''} | {t['rerun_all_cached']} | "
               f"{t['passed'] or t['why']} |")
     print(f"credentials (key id and secret) found in {len(hits)} of {result['files_searched']} files and "
           f"{result['objects_searched']} objects searched")
