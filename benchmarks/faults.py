@@ -272,8 +272,7 @@ def cmd_kill(args: argparse.Namespace) -> dict:
         # after the stage ended is not a trial of it. Try again, sooner, up to 4 times.
         window = timeline.window(stage, target)
         for attempt in range(4):
-            trial = kill_trial(i, stage, target, window, ref_root, work, env, rng)
-            trial["attempt"] = attempt + 1
+            trial = kill_trial(i, attempt + 1, stage, target, window, ref_root, work, env, rng)
             print(json.dumps(trial), flush=True)
             if trial["landed_in_stage"]:
                 break
@@ -306,11 +305,12 @@ def cmd_kill(args: argparse.Namespace) -> dict:
     return result
 
 
-def kill_trial(i: int, stage: str, target: str, window: float, ref_root: Path, work: Path, env: dict,
+def kill_trial(i: int, attempt: int, stage: str, target: str, window: float, ref_root: Path, work: Path, env: dict,
                rng: random.Random) -> dict:
-    root = work / f"trial-{i:02d}"
-    run = Run(str(root), work / f"trial-{i:02d}.log", env)
-    trial = {"trial": i, "stage": stage, "target": target}
+    name = f"trial-{i:02d}-{attempt}"  # a fresh store for every attempt
+    root = work / name
+    run = Run(str(root), work / f"{name}.log", env)
+    trial = {"trial": i, "attempt": attempt, "stage": stage, "target": target}
     try:
         if target == "worker":
             started = wait_for(lambda: worker_pid(str(root), stage), run)
@@ -334,7 +334,7 @@ def kill_trial(i: int, stage: str, target: str, window: float, ref_root: Path, w
                 left = survivors(str(root), run.port)
             trial["survivors"] = left
             run.cleanup()
-            resumed = Run(str(root), work / f"trial-{i:02d}.resume.log", env)
+            resumed = Run(str(root), work / f"{name}.resume.log", env)
             code = resumed.wait()
             text = resumed.text()
             trial.update(exit=code, resume_s=round(resumed.seconds, 1), waited_for_lease="waiting for " in text,
@@ -345,7 +345,7 @@ def kill_trial(i: int, stage: str, target: str, window: float, ref_root: Path, w
             trial.update(exit=code, run_s=round(run.seconds, 1),
                          retried=run.text().count("launching " + stage + ":"))
             if code == 0:
-                again = Run(str(root), work / f"trial-{i:02d}.rerun.log", env)
+                again = Run(str(root), work / f"{name}.rerun.log", env)
                 again.wait()
                 states = again.task_states()
                 trial["rerun_states"] = sorted(set(states.values()))
