@@ -43,9 +43,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     preflight(cfg, args.until)  # the store, a reward.existing, the sources' files, a step without data
     if cfg.resources.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing (and its warning) on CPU runs
-    from flows.environment import one_line_operational_failures, prefect_defaults, temporary_server_dies_with_this_process
+    from flows.environment import (one_line_operational_failures, prefect_defaults, stop_at_once_on_interrupt,
+                                   temporary_server_dies_with_this_process)
 
     prefect_defaults()
+    stop_at_once_on_interrupt()
     temporary_server_dies_with_this_process()
     one_line_operational_failures()
     if args.until == EVALUATE:

@@ -67,3 +67,20 @@ def one_line_operational_failures() -> None:
         for handler in lg.handlers:
             if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(handler.formatter, OneLineFailures):
                 handler.setFormatter(OneLineFailures(handler.formatter, (StoreUnavailable, StageFailed)))
+
+
+def stop_at_once_on_interrupt() -> None:
+    """Ctrl-C stops ``rlhf run`` at once. Python's KeyboardInterrupt did not: the same Ctrl-C stops Prefect's
+    temporary server (it is in the terminal's process group), and Prefect's task threads then retry against
+    it for minutes; stage workers, in their own sessions, do not see the Ctrl-C at all. So exit now, with a
+    line that says what is kept: this process's reaper stops the workers and the server, and the next run
+    takes the stages' leases over at once."""
+    import signal
+    import sys
+
+    def stop(signum, frame):
+        print("\nrlhf: interrupted. Finished stages are kept; run the same command again to resume the others from "
+              "their latest checkpoints", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)

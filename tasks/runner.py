@@ -258,6 +258,7 @@ def _stream(cmd: list[str], stage: str, cfg: PipelineConfig, lease: StageLease) 
     logger.info("launching %s: %s", stage, " ".join(cmd))
     artifact = create_progress_artifact(0.0, description=f"{stage}: training progress")
     tail: collections.deque[str] = collections.deque(maxlen=30)
+    shown: dict[str, bool] = {}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env=worker_env(cfg.resources.cpu_threads), start_new_session=True)
     group = process_id(proc.pid)  # None: it has already exited
@@ -270,7 +271,12 @@ def _stream(cmd: list[str], stage: str, cfg: PipelineConfig, lease: StageLease) 
             line = line.rstrip()
             if line.startswith(PROGRESS_PREFIX):
                 info = json.loads(line[len(PROGRESS_PREFIX):])
-                update_progress_artifact(artifact, 100.0 * info["step"] / max(info["total"], 1))
+                try:
+                    update_progress_artifact(artifact, 100.0 * info["step"] / max(info["total"], 1))
+                except Exception as e:  # Prefect's API away for a moment must not stop a training stage
+                    if not shown.get("artifact_error"):
+                        logger.warning("progress artifact not updated (%s); training goes on", e)
+                        shown["artifact_error"] = True
                 continue
             if line and not _noise(line):
                 tail.append(line)

@@ -413,10 +413,11 @@ class OutputWriter:
         return manifest
 
 
-# Exceptions (by class name: botocore and aiohttp need not be imported) that say a remote store could not be
-# reached, as opposed to a missing object or a refused request.
+# The S3 client's exceptions (botocore's and aiohttp's, by class name: neither need be imported) that say the
+# store could not be reached, as opposed to a missing object or a refused request. Only these: a connection
+# refused by something else (Prefect's API, through httpx) is not the store's.
 _UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ClientPayloadError"}
+                "ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError", "ServerTimeoutError"}
 STORE_UNAVAILABLE_EXIT = 75  # a worker's exit code when its store could not be reached (EX_TEMPFAIL)
 
 
@@ -426,11 +427,12 @@ class StoreUnavailable(RuntimeError):
 
 
 def unreachable(exc: BaseException | None) -> bool:
-    """Whether ``exc``, or an exception it was raised from, says that the store could not be reached."""
+    """Whether ``exc``, or an exception it was raised from, is the S3 client saying that the store could not
+    be reached. (A local store has no connection to lose; its errors are errors.)"""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in _UNREACHABLE:
+        if type(exc).__name__ in _UNREACHABLE:
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -125,3 +125,38 @@ def test_a_sigkilled_rlhf_run_leaves_no_worker_and_no_server_running(tmp_path):
     leases = [json.loads(p.read_text()) for p in (root / "_leases").glob("*.json")]
     assert {rec["stage"] for rec in leases} == {"sft", "reward"}
     assert all(rec["process"]["pid"] == proc.pid and len(rec["workers"]) == 1 for rec in leases)
+
+
+def test_ctrl_c_stops_a_run_at_once_with_its_workers(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) ends `rlhf run` at once, with one line, and its
+    workers (in their own sessions, out of the terminal's reach) stop with it. Before, the run went on
+    retrying against the temporary server the same Ctrl-C had stopped (over 90 s, tracebacks)."""
+    import json
+    import signal
+    import time
+
+    from rlhf_core.storage.process import ProcessId
+
+    root = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--set",
+                             f"storage.root={root}", "--set", "sft.max_steps=100000", "--set", "reward.max_steps=100000"],
+                            cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err", "w"),
+                            start_new_session=True)  # its own group, as a shell gives a foreground job
+    try:
+        deadline = time.monotonic() + 600
+        while len(workers := [p for p in (root / "_leases").glob("*.json")]) < 2 or not all(
+                json.loads(p.read_text()).get("workers") for p in workers):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        ids = [json.loads(p.read_text())["workers"][0] for p in workers]
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)  # not minutes of retries
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 130 and "rlhf: interrupted. Finished stages are kept" in (tmp_path / "err").read_text()
+    deadline = time.monotonic() + 120
+    while not all(ProcessId.model_validate(i).group_gone() for i in ids):
+        assert time.monotonic() < deadline, "a worker outlived the interrupted run"
+        time.sleep(0.2)

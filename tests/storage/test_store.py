@@ -99,22 +99,26 @@ def test_s3_store_round_trip(s3_server, tmp_path):
 # ------------------------------------------------------------------------- a store that cannot be reached
 
 
-def test_unreachable_names_connection_failures_and_nothing_else():
+def test_unreachable_names_the_s3_clients_connection_failures_and_nothing_else():
     import botocore.exceptions
+    import httpx
 
     from rlhf_core.storage.store import unreachable
 
+    down = botocore.exceptions.EndpointConnectionError(endpoint_url="http://x")
     try:
         try:
-            raise ConnectionRefusedError(111, "Connect call failed")
-        except ConnectionRefusedError:
-            raise RuntimeError("wrapped by a library")  # the refusal is its context
+            raise down
+        except botocore.exceptions.EndpointConnectionError:
+            raise RuntimeError("wrapped by a library")  # the outage is its context
     except RuntimeError as e:
         chained = e
-    assert unreachable(chained) and unreachable(botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"))
-    assert unreachable(TimeoutError())
-    # Negative controls: a missing object, a refused permission, a bug are not outages.
-    assert not any(unreachable(e) for e in (FileNotFoundError("k"), PermissionError(13, "denied"), ValueError("bug"), None))
+    assert unreachable(down) and unreachable(chained)
+    assert unreachable(botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"))
+    # Negative controls: a missing object, a refused permission, a bug, and a connection refused by Prefect's
+    # API (not the store) are not store outages.
+    assert not any(unreachable(e) for e in (FileNotFoundError("k"), PermissionError(13, "denied"), ValueError("bug"),
+                                            ConnectionRefusedError(111, "refused"), httpx.ConnectError("refused"), None))
 
 
 @pytest.mark.slow
