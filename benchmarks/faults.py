@@ -591,71 +591,22 @@ def cmd_shared_reward(args: argparse.Namespace) -> dict:
     ref.wait()
     reward_ref = manifests(alone)["reward"]
     actors = [["models.actor.init_seed=5"], ["models.actor.init_seed=6", "models.actor.architecture.num_hidden_layers=3"]]
-    trials = []
+    trials, misses = [], []
     for i in range(args.trials):
-        root = work / f"trial-{i}"
-        runs = [Run(str(root), work / f"trial-{i}-{n}.log", env, actors[n]) for n in range(2)]
-        first = runs[0]
-        lease = wait_for(lambda: list((root / "_leases").glob("reward-*.json")), first, every=0.05)
-        key = lease[0].name[len("reward-"):-len(".json")] if lease else None
-        ckpt = wait_for(lambda: list((root / "reward" / str(key) / "checkpoints").glob("step-*/COMPLETE")), first,
-                        every=0.05)
-        delay = rng.uniform(0, 3)
-        time.sleep(delay)
-        record = json.loads(lease[0].read_text()) if lease and lease[0].exists() else None
-        holder = next((r for r in runs if record and r.proc.pid == record["process"]["pid"]), None)
-        t_kill = time.time()
-        if holder is not None and not (root / "reward" / key / "manifest.json").exists():
-            holder.kill()
-        other = next(r for r in runs if r is not holder)
-        code_holder = holder.wait() if holder else None
-        code_other = other.wait()
-        other_text = other.text()
-        taken = re.search(r"(\d\d:\d\d:\d\d\.\d+) \| INFO .*took over from a holder that is gone", other_text)
-        rerun = Run(str(root), work / f"trial-{i}-rerun.log", env, actors[runs.index(holder)] if holder else [])
-        code_rerun = rerun.wait()
-        reward = manifests(root).get("reward")
-        launches = sum(r.text().count("launching reward:") for r in (*runs, rerun))
-        took_over_after = None
-        if taken:
-            hms = datetime.datetime.strptime(taken.group(1), "%H:%M:%S.%f").time()
-            took_over_after = round((datetime.datetime.combine(datetime.date.today(), hms).timestamp() - t_kill), 1)
-        trial = {
-            "trial": i, "delay_s": round(delay, 2), "checkpoint_seen": bool(ckpt), "killed": holder is not None,
-            "holder_exit": code_holder, "other_exit": code_other, "rerun_exit": code_rerun,
-            "took_over_after_s": took_over_after, "reward_launches": launches,
-            "resumed_from": reward["metrics"].get("resumed_from") if reward else None,
-            "rerun_reward_state": rerun.task_states().get("train-reward"),
-            "same_reward_as_alone": bool(reward) and reward["key"] == reward_ref["key"] and
-            sorted((f["path"], f["sha256"]) for f in reward["files"]) == sorted((f["path"], f["sha256"]) for f in reward_ref["files"]),
-            "other_s": round(other.seconds, 1),
-        }
-        why = []
-        if holder is None:
-            why.append("nobody to kill (reward finished first)")
-        if code_other is None or code_rerun is None:
-            why.append("a run hung")
-        elif code_other or code_rerun:
-            why.append(f"exit {code_other}/{code_rerun}")
-        if took_over_after is None:
-            why.append("the other run never took over")
-        elif took_over_after > 60:
-            why.append(f"took over only after {took_over_after} s")
-        if launches != 2:
-            why.append(f"reward worker launched {launches} times")
-        if not trial["resumed_from"]:
-            why.append("trained from scratch, not resumed")
-        if trial["rerun_reward_state"] != "Cached":
-            why.append(f"the killed run's re-run: reward {trial['rerun_reward_state']}")
-        if not trial["same_reward_as_alone"]:
-            why.append("reward model differs from a run alone")
-        trial.update(passed=not why, why="; ".join(why))
+        # After the reward stage's first checkpoint, within a second: a kill that comes after the stage ended
+        # (it ran faster than that) is not a trial of it; try again, sooner, up to 4 times (fresh stores).
+        window = 1.0
+        for attempt in range(1, 5):
+            trial = shared_trial(i, attempt, window, actors, reward_ref, work, env, rng)
+            print(json.dumps(trial), flush=True)
+            if trial["killed"]:
+                break
+            misses.append(trial)
+            window /= 2
         trials.append(trial)
-        print(json.dumps(trial), flush=True)
-        for r in (*runs, rerun):
-            r.cleanup()
     result = {"command": "shared-reward", "date": datetime.date.today().isoformat(), "cpus": os.cpu_count(),
-              "loadavg_at_end": os.getloadavg(), "cheap": CHEAP, "trials": trials, "work": str(work)}
+              "loadavg_at_end": os.getloadavg(), "cheap": CHEAP, "trials": trials, "missed_attempts": misses,
+              "work": str(work)}
     print("\n(c) two actors, one reward model, the reward lease's holder SIGKILLed")
     print("| trial | took over after s | reward worker launches | resumed from | other run | killed run re-run | "
           "same reward as alone | passed |")
@@ -664,9 +615,75 @@ def cmd_shared_reward(args: argparse.Namespace) -> dict:
         print(f"| {t['trial']} | {t['took_over_after_s']} | {t['reward_launches']} | {t['resumed_from']} | "
               f"exit {t['other_exit']} ({t['other_s']:.0f} s) | exit {t['rerun_exit']}, reward "
               f"{t['rerun_reward_state']} | {t['same_reward_as_alone']} | {t['passed'] or t['why']} |")
-    print(f"| trials | passed | failed |\n|---|---|---|\n| {len(trials)} | {sum(t['passed'] for t in trials)} | "
-          f"{sum(not t['passed'] for t in trials)} |")
+    print(f"| trials | passed | failed | attempts whose kill came after the reward stage ended (run again) |\n"
+          f"|---|---|---|---|\n| {len(trials)} | {sum(t['passed'] for t in trials)} | "
+          f"{sum(not t['passed'] for t in trials)} | {len(misses)} |")
     return result
+
+
+def shared_trial(i: int, attempt: int, window: float, actors: list[list[str]], reward_ref: dict, work: Path,
+                 env: dict, rng: random.Random) -> dict:
+    name = f"trial-{i}-{attempt}"
+    root = work / name
+    runs = [Run(str(root), work / f"{name}-{n}.log", env, actors[n]) for n in range(2)]
+    first = runs[0]
+    lease = wait_for(lambda: list((root / "_leases").glob("reward-*.json")), first, every=0.05)
+    key = lease[0].name[len("reward-"):-len(".json")] if lease else None
+    ckpt = wait_for(lambda: list((root / "reward" / str(key) / "checkpoints").glob("step-*/COMPLETE")), first,
+                    every=0.05)
+    delay = rng.uniform(0, window)
+    time.sleep(delay)
+    record = json.loads(lease[0].read_text()) if lease and lease[0].exists() else None
+    holder = next((r for r in runs if record and r.proc.pid == record["process"]["pid"]), None)
+    t_kill = time.time()
+    killed = holder is not None and not (root / "reward" / str(key) / "manifest.json").exists()
+    if killed:
+        holder.kill()
+    other = next(r for r in runs if r is not holder)
+    code_holder = holder.wait() if holder else None
+    code_other = other.wait()
+    taken = re.search(r"(\d\d:\d\d:\d\d\.\d+) \| INFO .*took over from a holder that is gone", other.text())
+    rerun = Run(str(root), work / f"{name}-rerun.log", env, actors[runs.index(holder)] if holder else [])
+    code_rerun = rerun.wait()
+    reward = manifests(root).get("reward")
+    launches = sum(r.text().count("launching reward:") for r in (*runs, rerun))
+    took_over_after = None
+    if taken:
+        hms = datetime.datetime.strptime(taken.group(1), "%H:%M:%S.%f").time()
+        took_over_after = round((datetime.datetime.combine(datetime.date.today(), hms).timestamp() - t_kill), 1)
+    trial = {
+        "trial": i, "attempt": attempt, "delay_s": round(delay, 2), "checkpoint_seen": bool(ckpt), "killed": killed,
+        "holder_exit": code_holder, "other_exit": code_other, "rerun_exit": code_rerun,
+        "took_over_after_s": took_over_after, "reward_launches": launches,
+        "resumed_from": reward["metrics"].get("resumed_from") if reward else None,
+        "rerun_reward_state": rerun.task_states().get("train-reward"),
+        "same_reward_as_alone": bool(reward) and reward["key"] == reward_ref["key"] and
+        sorted((f["path"], f["sha256"]) for f in reward["files"]) == sorted((f["path"], f["sha256"]) for f in reward_ref["files"]),
+        "other_s": round(other.seconds, 1),
+    }
+    why = []
+    if not killed:
+        why.append("the kill came after the reward stage ended")
+    if code_other is None or code_rerun is None:
+        why.append("a run hung")
+    elif code_other or code_rerun:
+        why.append(f"exit {code_other}/{code_rerun}")
+    if killed and took_over_after is None:
+        why.append("the other run never took over")
+    elif killed and took_over_after > 60:
+        why.append(f"took over only after {took_over_after} s")
+    if killed and launches != 2:
+        why.append(f"reward worker launched {launches} times")
+    if killed and not trial["resumed_from"]:
+        why.append("trained from scratch, not resumed")
+    if trial["rerun_reward_state"] != "Cached":
+        why.append(f"the killed run's re-run: reward {trial['rerun_reward_state']}")
+    if not trial["same_reward_as_alone"]:
+        why.append("reward model differs from a run alone")
+    trial.update(passed=not why, why="; ".join(why))
+    for r in (*runs, rerun):
+        r.cleanup()
+    return trial
 
 
 # ------------------------------------------------------------------------------------------------ main
