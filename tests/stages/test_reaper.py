@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from rlhf_core.storage.process import ProcessId, machine_id, process_id
+from rlhf_core.storage.process import ProcessId, machine_id
 from tests.conftest import PROJECT
 
 pytestmark = pytest.mark.skipif(machine_id() is None, reason="needs Linux /proc")

@@ -1,7 +1,6 @@
 """Process identity: a live process is not gone, an exited (or zombie, or recycled) one is, another
 machine's never is; a process group is gone only when its last member is."""
 
-import os
 import signal
 import subprocess
 import sys
