@@ -62,6 +62,7 @@ WORKER_STAGES = ["sft", "reward", "rl", "evaluate"]
 CHEAP = ["sft.max_steps=30", "reward.max_steps=30", "rl.max_steps=6", "sft.checkpoint_every=10",
          "reward.checkpoint_every=10", "rl.checkpoint_every=2", "eval.num_prompts=16"]
 RUN_TIMEOUT = 1200  # a run still going after this long counts as hung (a deadlock)
+SERVER_UP = re.compile(r"rlhf: temporary Prefect API server on ")  # the run's first line, not an error
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -143,7 +144,8 @@ class Run:
 
     @property
     def port(self) -> int | None:
-        m = re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", self.text())
+        # rlhf's own start of Prefect's temporary server (flows/environment.py), once it answers
+        m = re.search(r"temporary Prefect API server on http://127\.0\.0\.1:(\d+)/api", self.text())
         return int(m.group(1)) if m else None
 
     def task_states(self) -> dict[str, str]:
@@ -518,7 +520,7 @@ def cmd_s3(args: argparse.Namespace) -> dict:
         trial = {
             "trial": i, "stage": stage, "lease_seen": bool(took), "delay_s": round(delay, 2),
             "exit": code, "error_after_s": round(error_after, 1),
-            "error_lines": [ln[:400] for ln in lines if ln.startswith("rlhf: ")],
+            "error_lines": [ln[:400] for ln in lines if ln.startswith("rlhf: ") and not SERVER_UP.match(ln)],
             "last_lines": [ln[:200] for ln in lines[-2:]], "tracebacks": text.count("Traceback (most recent call last)"),
             "manifests_written_during_outage": new_manifests, "manifests_missing_files": incomplete,
             "resume_exit": rcode, "resume_s": round(resumed.seconds, 1),
