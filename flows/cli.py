@@ -97,6 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                               f"the {resume[0]} output (rl.algorithm dpo, reward.use_model or eval.reward_model), so "
                               "it does not run")
 
+    from flows.environment import one_line_operational_failures, stop_at_once_on_interrupt
+
     def checks():
         preflight(cfg, args.until)  # the store, a reward.existing, the sources' files, a step without data
         if resume is not None:
@@ -105,6 +107,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             rewind(cfg, *resume, log=lambda msg: print(msg, file=sys.stderr))
         import flows.pipeline  # noqa: F401  (torch, transformers, prefect: imported while the server starts)
 
+        one_line_operational_failures()  # Prefect's console handler exists now that it is imported
+
+    stop_at_once_on_interrupt()
     _print_summary(_with_server(cfg, checks, run))
     return 0
 
@@ -242,7 +247,24 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (ConfigError, DataError)) or (loading is not None and isinstance(e, loading.ModelLoadError)):
             print(f"rlhf: {e}", file=sys.stderr)
             return 2
-        raise
+        message = _operational(e)
+        if message is None:
+            raise
+        print(f"rlhf: {message}", file=sys.stderr)
+        return 1
+
+
+def _operational(e: Exception) -> str | None:
+    """One line for a run that failed for an operational reason (its store cannot be reached, a stage worker
+    exited), or None for anything else (a bug: its traceback is wanted). Imports nothing: a command that never
+    loaded those modules cannot have raised their errors."""
+    store, runner = sys.modules.get("rlhf_core.storage.store"), sys.modules.get("tasks.runner")
+    if store is not None and isinstance(e, store.StoreUnavailable):
+        return str(e)
+    if runner is not None and isinstance(e, runner.StageFailed):  # the worker's output is in the log above
+        return (f"{str(e).splitlines()[0]} (its output is above); after a fix, run the same command again: "
+                "finished stages are kept and this one resumes from its latest complete checkpoint")
+    return None
 
 
 if __name__ == "__main__":

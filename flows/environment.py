@@ -5,11 +5,14 @@ every import and check, and the command waits for it (7-18 s on 2 cores, more on
 first imported Prefect's whole server package to do so. ``rlhf`` starts the same server itself, as its
 first step, in a subprocess that imports and migrates while this process imports torch, reads the config
 and checks the store; the flow then finds ``PREFECT_API_URL`` set and talks to it as to any server. The
-server goes when the command ends.
+server goes when the command ends, however it ends: it is given to this process's reaper
+(rlhf_core/stages/reaper.py), so that a SIGKILLed ``rlhf run`` leaves no server behind with its port and its
+database.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -60,6 +63,7 @@ class TemporaryServer:
             [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory", "prefect.server.api.server:create_app",
              "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
             env=env, stdout=self.output, stderr=subprocess.STDOUT, text=True)
+        self.child = _dies_with_this_process(self.proc.pid)
         os.environ["PREFECT_API_URL"] = self.url
         self.ready_s: float | None = None
 
@@ -129,12 +133,81 @@ class TemporaryServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.child is not None:
+            from rlhf_core.stages import reaper
+
+            reaper.forget(self.child)
         self.output.close()
         if os.environ.get("PREFECT_API_URL") == self.url:
             del os.environ["PREFECT_API_URL"]
+
+
+def _dies_with_this_process(pid: int):
+    """Give the child ``pid`` to this process's reaper, which stops it when this process is gone, however it
+    went (SIGKILL, Ctrl-C's immediate exit); returns its ``ProcessId`` (None: it has already exited)."""
+    from rlhf_core.stages import reaper
+    from rlhf_core.storage.process import process_id
+
+    child = process_id(pid)
+    if child is not None:
+        reaper.adopt(child)
+    return child
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class OneLineFailures:
+    """A console formatter that leaves out the Python traceback of the given (operational) exceptions:
+    for a store that cannot be reached or a worker that exited, Prefect's traceback of the task says nothing
+    the message does not (a worker's own output is already in the log above it). Other handlers (the Prefect
+    API's, so the UI) still get the whole record."""
+
+    def __init__(self, inner: logging.Formatter | None, quiet: tuple[type[BaseException], ...]):
+        self.inner = inner or logging.Formatter()
+        self.quiet = quiet
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info and isinstance(record.exc_info[1], self.quiet)):
+            return self.inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def one_line_operational_failures() -> None:
+    """Console output of the ``rlhf`` commands: no traceback for a store that cannot be reached or a stage
+    worker that failed (``OneLineFailures``); everything else as Prefect logs it."""
+    from rlhf_core.storage.store import StoreUnavailable
+    from tasks.runner import StageFailed
+
+    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(handler.formatter, OneLineFailures):
+                handler.setFormatter(OneLineFailures(handler.formatter, (StoreUnavailable, StageFailed)))
+
+
+def stop_at_once_on_interrupt() -> None:
+    """Ctrl-C stops ``rlhf run`` at once. Python's KeyboardInterrupt did not: the same Ctrl-C stops Prefect's
+    temporary server (it is in the terminal's process group), and Prefect's task threads then retry against
+    it for minutes; stage workers, in their own sessions, do not see the Ctrl-C at all. So exit now, with a
+    line that says what is kept: this process's reaper stops the workers and the server, and the next run
+    takes the stages' leases over at once."""
+    import signal
+
+    def stop(signum, frame):
+        print("\nrlhf: interrupted. Finished stages are kept; run the same command again to resume the others from "
+              "their latest checkpoints", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)

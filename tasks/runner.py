@@ -25,8 +25,9 @@ from prefect.states import Completed, State
 
 from rlhf_core.config import ConfigError, PipelineConfig
 from rlhf_core.stages import registry
-from rlhf_core.storage.lease import StageLease
-from rlhf_core.storage.store import Manifest, Store, hash_key
+from rlhf_core.storage.lease import LeaseRecord, StageLease
+from rlhf_core.storage.store import (STORE_UNAVAILABLE_EXIT, Manifest, Store, StoreUnavailable, hash_key, unavailable,
+                                    unreachable)
 
 GPU_LIMIT = "rlhf-gpu"  # Prefect global concurrency limit that training stages take GPU slots from
 
@@ -49,7 +50,12 @@ def cache_key_fn(stage: str) -> Callable[[TaskRunContext, dict[str, Any]], str |
     def fn(_ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
         key = registry.key(stage, params["cfg"], inputs_of(stage, params))
         store = store_for(params["cfg"])
-        cid = store.manifest_id(stage, key)
+        try:
+            cid = store.manifest_id(stage, key)
+        except Exception as e:  # the task itself meets the store next and says what is wrong, once
+            if unreachable(e):
+                return None
+            raise
         return f"{stage}-{key}-{cid[:16]}-{hash_key(store.url)[:8]}" if cid else None
 
     return fn
@@ -79,30 +85,64 @@ def producer() -> dict[str, Any]:
 
 
 def run_once(cfg: PipelineConfig, stage: str, key: str, upstream: dict[str, Manifest],
-             run: Callable[[], Manifest], gpu_slots: int = 0) -> Manifest | State:
-    """Produce ``<stage>/<key>`` with ``run()`` unless the store has it or another run produces it.
+             run: Callable[[StageLease], Manifest], gpu_slots: int = 0) -> Manifest | State:
+    """Produce ``<stage>/<key>`` with ``run(lease)`` unless the store has it or another run produces it.
 
     Under the stage's lease, look for the manifest again (a run that waited for the holder finds it and is
     Cached), else hold ``gpu_slots`` slots of ``rlhf-gpu`` and run. A run that takes over from a killed
-    holder resumes from the holder's checkpoints. Slots are taken inside the lease, never the other way
-    round: a run waiting for a lease holds no GPU (and two runs cannot deadlock on lease and slots).
+    holder (at once if it was on this machine, else when its lease expires) resumes from the holder's
+    checkpoints. Slots are taken inside the lease, never the other way round: a run waiting for a lease
+    holds no GPU (and two runs cannot deadlock on lease and slots).
     """
     store = store_for(cfg)
-    existing = store.read_manifest(stage, key)
-    if existing is not None:  # the common case needs no lease
-        return cached(existing, store)
     logger = _logger()
     lease = StageLease(store, stage, key, ttl=cfg.storage.lease_seconds, holder=producer(),
                        upstream={s: m.key for s, m in upstream.items()}, log=logger.info)
-    with lease:
+    try:
         existing = store.read_manifest(stage, key)
-        if existing is not None:
+        if existing is not None:  # the common case needs no lease
             return cached(existing, store)
-        with gpu_slots_held(cfg, gpu_slots):
-            manifest = run()
+        with lease:
+            if lease.took_over is not None and lease.took_over.holder_gone():
+                mark_crashed(lease.took_over)
+            existing = store.read_manifest(stage, key)
+            if existing is not None:
+                return cached(existing, store)
+            with gpu_slots_held(cfg, gpu_slots):
+                manifest = run(lease)
+    except Exception as e:
+        if unreachable(e):
+            raise unavailable(store.url, e) from None
+        raise
     if lease.lost.is_set():
         logger.warning("the lease on %s was lost while it ran (another run may have produced it too)", stage)
     return manifest
+
+
+def mark_crashed(gone: LeaseRecord) -> None:
+    """A run whose process died (SIGKILL) stays Running in Prefect's database: nothing reports its end. When
+    a lease is taken over from such a holder, mark its flow run and task run Crashed, saying who took over.
+    Best effort: a holder that reported to another Prefect server is not found here."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    who = producer().get("flow_run_name", "another run")
+    message = (f"its process ({gone.process.describe() if gone.process else 'unknown'}) is gone; {who} took over "
+               f"{gone.stage}/{gone.key}")
+    ids = gone.holder
+    try:
+        with get_client(sync_client=True) as client:
+            for run_id, read, write in ((ids.get("task_run_id"), client.read_task_run, client.set_task_run_state),
+                                        (ids.get("flow_run_id"), client.read_flow_run, client.set_flow_run_state)):
+                if run_id and not read(uuid.UUID(run_id)).state.is_final():
+                    write(uuid.UUID(run_id), Crashed(message=message), force=True)
+    except ObjectNotFound:
+        pass
+    except Exception as e:  # never fail a stage over bookkeeping
+        _logger().warning("could not mark the killed run %s Crashed in Prefect: %s", ids.get("flow_run_id"), e)
 
 
 @contextmanager
@@ -188,7 +228,7 @@ def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest], gp
     key = registry.key(stage, cfg, upstream)
     store = store_for(cfg)
 
-    def run() -> Manifest:
+    def run(lease: StageLease) -> Manifest:
         logger = _logger()
         logger.info("%s: started (%s)", stage, registry.stage(stage).title)
         t0 = time.perf_counter()
@@ -198,7 +238,7 @@ def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Manifest], gp
                 run_job(job)
                 how = ""
             else:
-                stats = _stream(command(cfg.resources, stage, write_job(store, job)), stage, cfg)
+                stats = _stream(command(cfg.resources, stage, write_job(store, job)), stage, cfg, lease)
                 how = f" (worker: {stats})"
         except BaseException:
             logger.info("%s: failed after %.1f s", stage, time.perf_counter() - t0)
@@ -225,16 +265,23 @@ class WorkerStats:
         return f"{start}{self.cpu_s:.1f} s CPU"
 
 
-def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> WorkerStats:
+def _stream(cmd: list[str], stage: str, cfg: PipelineConfig, lease: StageLease) -> WorkerStats:
     """Run a worker, its output into the run logger (third-party noise left out), its progress lines into a
-    progress artifact and readable progress lines; raises StageFailed with its last lines if it fails."""
+    progress artifact and readable progress lines; raises StageFailed with its last lines if it fails
+    (StoreUnavailable if it exited for an outage of the store). The worker gets its own session (so its group
+    holds it, and a launcher's ranks, and nothing else); the group is stopped with this process however this
+    process dies (``rlhf_core.stages.reaper``), and is recorded in the lease, so that nobody takes the stage
+    over while it may still write."""
     import collections
     import json
+    import signal
     import subprocess
 
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+    from rlhf_core.stages import reaper
     from rlhf_core.stages.launch import worker_env
+    from rlhf_core.storage.process import process_id
     from rlhf_core.trainers.metrics import PROGRESS_PREFIX, ProgressLines
 
     logger = get_run_logger()
@@ -243,9 +290,14 @@ def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> WorkerStats:
     lines = ProgressLines(stage, logger.info)
     tail: collections.deque[str] = collections.deque(maxlen=30)
     t0, ready = time.perf_counter(), None
+    shown: dict[str, bool] = {}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=worker_env(cfg.resources.cpu_threads))
+                            env=worker_env(cfg.resources.cpu_threads), start_new_session=True)
+    group = process_id(proc.pid)  # None: it has already exited
     try:
+        if group is not None:
+            reaper.adopt(group, group=True)
+            lease.add_worker(group)
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
@@ -253,7 +305,12 @@ def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> WorkerStats:
                 info = json.loads(line[len(PROGRESS_PREFIX):])
                 ready = ready if ready is not None else time.perf_counter() - t0
                 lines.feed(info)
-                update_progress_artifact(artifact, 100.0 * info["step"] / max(info["total"], 1))
+                try:
+                    update_progress_artifact(artifact, 100.0 * info["step"] / max(info["total"], 1))
+                except Exception as e:  # Prefect's API away for a moment must not stop a training stage
+                    if not shown.get("artifact_error"):
+                        logger.warning("progress artifact not updated (%s); training goes on", e)
+                        shown["artifact_error"] = True
                 continue
             if line and not _noise(line):
                 tail.append(line)
@@ -262,9 +319,16 @@ def _stream(cmd: list[str], stage: str, cfg: PipelineConfig) -> WorkerStats:
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = code = os.waitstatus_to_exitcode(status)
     except BaseException:
+        if group is not None:
+            group.kill(signal.SIGKILL, group=True)  # the launcher and its ranks, not only the launcher
         proc.kill()
         proc.wait()
         raise
+    finally:
+        if group is not None:
+            reaper.forget(group)
+    if code == STORE_UNAVAILABLE_EXIT:
+        raise StoreUnavailable(tail[-1].split("] ", 1)[-1] if tail else f"{stage}: the store cannot be reached")
     if code != 0:
         raise StageFailed(f"{stage} worker exited with code {code}; last output:\n" + "\n".join(tail))
     return WorkerStats(ready, usage.ru_utime + usage.ru_stime)

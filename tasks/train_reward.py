@@ -34,4 +34,4 @@ def use_reward_model(cfg: PipelineConfig) -> Manifest:
     source, manifest = found
     store = store_for(cfg)
     return run_once(cfg, REWARD, manifest.key, {},
-                    lambda: import_reward(source, manifest, store, producer=producer()))
+                    lambda _lease: import_reward(source, manifest, store, producer=producer()))

@@ -66,8 +66,8 @@ class StorageConfig(Section):
         "state, about 3x the model)."
     )
     lease_seconds: float = Field(
-        600.0, gt=0, description="How long a stage lock stays valid without a heartbeat (a killed holder "
-        "blocks other runs at most this long)."
+        600.0, gt=0, description="How long a stage lock stays valid without a heartbeat: a killed holder on "
+        "another machine blocks other runs at most this long (one on the same machine, not at all)."
     )
 
     @field_validator("root")

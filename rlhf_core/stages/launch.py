@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from rlhf_core.config import LoggingConfig, PipelineConfig, ResourcesConfig, StorageConfig
 from rlhf_core.stages.context import DistInfo, StageContext
 from rlhf_core.stages.registry import Stage, key_of_settings, stage
-from rlhf_core.storage.store import Manifest, Store
+from rlhf_core.storage.store import STORE_UNAVAILABLE_EXIT, Manifest, Store, unavailable, unreachable
 from rlhf_core.trainers.metrics import QUIET_PROGRESS
 
 ENTRY = "rlhf_core.stages.launch"
@@ -171,11 +171,20 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     name, url = argv
-    job = read_job(url)
-    if job.stage != name:
-        print(f"launch: job {url} is for stage {job.stage!r}, not {name!r}", file=sys.stderr)
-        return 2
-    manifest = run_job(job)
+    job = None
+    try:
+        job = read_job(url)
+        if job.stage != name:
+            print(f"launch: job {url} is for stage {job.stage!r}, not {name!r}", file=sys.stderr)
+            return 2
+        manifest = run_job(job)
+    except Exception as e:
+        if not unreachable(e):
+            raise
+        # An outage of the store is not a bug: one line (the task turns the exit code into StoreUnavailable).
+        root = job.runtime.storage.root if job else url.rsplit("/", 3)[0]  # <root>/<stage>/<key>/job.json
+        print(f"[{name}] {unavailable(root, e)}", flush=True)
+        return STORE_UNAVAILABLE_EXIT
     if manifest is not None:
         print(f"[{name}] done: {manifest.stage}/{manifest.key} content {manifest.content_id[:12]}", flush=True)
     return 0

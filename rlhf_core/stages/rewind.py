@@ -8,7 +8,8 @@ hold everything: weights, optimizers, RNG streams, data positions; DESIGN.md "Ca
 
 Refused, before anything is removed: a stage whose output is complete (nothing to resume), a step that
 has no complete checkpoint (the ones there are listed), a stage another run is producing right now (its
-lease is live), and a stage whose inputs are not complete yet (its key is not known).
+lease is live: neither expired nor held by a process that is gone from this machine, with its workers),
+and a stage whose inputs are not complete yet (its key is not known).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def rewind(cfg: PipelineConfig, stage: str, step: int, log=print) -> list[int]:
         raise ConfigError(f"--resume-from {stage}:step-{step}: {where}/checkpoints has no complete checkpoint at step "
                           f"{step} (complete: {have}; storage.checkpoints_to_keep keeps the last few)")
     holder = read_record(store, lease_path(store, stage, key))
-    if holder is not None and not holder.expired():
+    if holder is not None and not holder.breakable():  # a holder gone from this machine holds nothing
         raise ConfigError(f"--resume-from {stage}:step-{step}: another run is producing {where} now "
                           f"({holder.describe()}); wait for it or stop it first")
     later = [s for s in steps if s > step]

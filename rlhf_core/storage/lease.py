@@ -1,21 +1,29 @@
 """Stage leases in the store: one run at a time produces a given output, and a killed holder blocks the
-others for at most one lease period (DESIGN.md: "Cache keys and resume"; Prefect's file lock has no expiry).
+others for at most one lease period, or not at all on its own machine (DESIGN.md: "Cache keys and
+resume"; Prefect's file lock has no expiry).
 
 A lease is a small JSON object at ``<root>/_leases/<stage>-<key>.json``::
 
     {stage, key, owner, generation, holder: {host, pid, flow_run_id, ...}, upstream: {stage: key},
-     acquired_at, expires_at}                                   (times: epoch seconds, the holder's clock)
+     process: ProcessId, workers: [ProcessId], acquired_at, expires_at}
+                                                                (times: epoch seconds, the holder's clock)
 
 - Acquire: create the object atomically (S3: a conditional put, ``If-None-Match: *``; a local disk: a
   hard link of a complete temporary file), so of several runs exactly one creates it.
 - Renew: the holder rewrites ``expires_at`` from a heartbeat thread every ttl/3, after checking that the
   lease is still its own and not within the last sixth of its life (a lease that old may be being broken;
   the holder then counts it as lost instead of racing the breaker).
-- Wait: the others poll, logging who holds it and until when. A lease whose ``expires_at`` has passed is
-  broken safely: the waiter first creates the claim ``<lease>.<generation>.break`` atomically; only the
-  claim's winner re-reads the lease, deletes it if it is still that expired generation, creates its own and
-  removes the claim. Two waiters can never both break it and both hold it. A claim is itself a record with
-  an expiry, so a breaker killed while holding one is cleared the same way (a claim on the claim).
+- Wait: the others poll (every ttl/10, at most 5 s), logging who holds it and until when, once a minute.
+- Break: a lease is broken when its ``expires_at`` has passed, or at once when its holder is gone: the
+  holding process (``process``: host, pid and start time; rlhf_core/storage/process.py) is no longer alive
+  on this very machine, and neither is any process of the worker groups it launched (``workers``, added
+  while it holds the lease), so nobody can still be writing the output. A dead process cannot renew, so a
+  lease found breakable stays breakable until it is deleted. A process on another machine is judged by the
+  expiry alone. Breaking is safe: the waiter first creates the claim ``<lease>.<generation>.break``
+  atomically; only the claim's winner re-reads the lease, deletes it if it is still that breakable
+  generation, creates its own and removes the claim. Two waiters can never both break it and both hold it.
+  A claim is itself a record with an expiry and a process, so a breaker killed while holding one is
+  cleared the same way (a claim on the claim).
 
 Hosts sharing a store need clocks that agree to well within a sixth of ``storage.lease_seconds`` (NTP).
 """
@@ -33,6 +41,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, Field, ValidationError
 
+from rlhf_core.storage.process import ProcessId, this_process
 from rlhf_core.storage.store import Store
 
 LEASES = "_leases"
@@ -51,17 +60,35 @@ class LeaseRecord(BaseModel):
     generation: str = Field(description="uuid of this acquisition; renewals keep it, a new holder changes it")
     holder: dict[str, Any] = Field(default_factory=dict, description="host, pid, flow run: for people")
     upstream: dict[str, str] = Field(default_factory=dict, description="stage -> key the holder reads")
+    process: ProcessId | None = Field(default=None, description="the process that holds and renews it")
+    workers: list[ProcessId] = Field(default_factory=list, description="leaders of the worker process groups "
+                                     "the holder launched (each in its own session)")
     acquired_at: float
     expires_at: float
 
     def expired(self, now: float | None = None) -> bool:
         return self.expires_at <= (time.time() if now is None else now)
 
+    def holder_gone(self) -> bool:
+        """The holding process and every worker group it launched are gone from this machine (False for a
+        holder on another machine, or a record without a process)."""
+        return (self.process is not None and self.process.gone()
+                and all(w.group_gone() for w in self.workers))
+
+    def breakable(self) -> bool:
+        return self.expired() or self.holder_gone()
+
     def describe(self) -> str:
+        """Who holds it and until when, for the people waiting."""
         h = self.holder
-        who = ", ".join(f"{k} {h[k]}" for k in ("flow_run_name", "flow_run_id", "host", "pid") if h.get(k))
+        where = ", ".join(x for x in (f"flow run {h['flow_run_id']}" if h.get("flow_run_id") else "",
+                                      f"pid {h['pid']} on {h.get('host')}" if h.get("pid") else "") if x)
+        who = (f"run {h['flow_run_name']!r}" if h.get("flow_run_name") else "a run") + (f" ({where})" if where else "")
         left = self.expires_at - time.time()
-        return f"held by {who or 'unknown'}; expires in {left:.0f}s" if left > 0 else f"held by {who}; expired {-left:.0f}s ago"
+        until = time.strftime("%H:%M:%S", time.localtime(self.expires_at))
+        if left <= 0:
+            return f"held by {who}; expired {-left:.0f}s ago"
+        return f"held by {who} until {until} unless renewed (in {left:.0f}s)"
 
 
 def lease_path(store: Store, stage: str, key: str) -> str:
@@ -138,23 +165,28 @@ class StageLease:
         ttl: seconds a lease stays valid without a heartbeat (``storage.lease_seconds``).
         holder: who holds it, for the people and runs that wait (host and pid are added).
         upstream: stage -> key of the outputs the holder reads (``rlhf store gc`` keeps them).
-        poll_seconds: how often a waiter looks again (default ttl/10, between 0.2 and 10 s).
+        poll_seconds: how often a waiter looks again (default ttl/10, between 0.2 and 5 s).
+        say_every: how often a waiter logs who holds the lease and until when (and whenever it changes).
         log: where waiting and lost-lease messages go.
     """
 
     def __init__(self, store: Store, stage: str, key: str, ttl: float, holder: dict[str, Any] | None = None,
                  upstream: dict[str, str] | None = None, poll_seconds: float | None = None,
-                 log: Callable[[str], None] = print):
+                 say_every: float = 60.0, log: Callable[[str], None] = print):
         if ttl <= 0:
             raise ValueError(f"lease ttl must be > 0, got {ttl}")
         self.store, self.stage, self.key, self.ttl = store, stage, key, float(ttl)
         self.path = lease_path(store, stage, key)
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), **(holder or {})}
         self.upstream = dict(upstream or {})
-        self.poll = poll_seconds if poll_seconds is not None else min(10.0, max(0.2, self.ttl / 10))
+        self.poll = poll_seconds if poll_seconds is not None else min(5.0, max(0.2, self.ttl / 10))
+        self.say_every = say_every
         self.log = log
+        self.process = this_process()
+        self.workers: list[ProcessId] = []
         self.owner = uuid.uuid4().hex
         self.generation: str | None = None
+        self.took_over: LeaseRecord | None = None  # the record this lease replaced, when it broke one
         self.lost = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -166,7 +198,8 @@ class StageLease:
 
     def _record(self, generation: str, now: float) -> LeaseRecord:
         return LeaseRecord(stage=self.stage, key=self.key, owner=self.owner, generation=generation,
-                           holder=self.holder, upstream=self.upstream, acquired_at=now, expires_at=now + self.ttl)
+                           holder=self.holder, upstream=self.upstream, process=self.process,
+                           workers=self.workers, acquired_at=now, expires_at=now + self.ttl)
 
     def read(self) -> LeaseRecord | None:
         return read_record(self.store, self.path)
@@ -182,28 +215,33 @@ class StageLease:
         return False
 
     def acquire(self, timeout: float | None = None) -> None:
-        """Wait until this lease is ours: poll, and break the lease once it has expired.
+        """Wait until this lease is ours: poll, and break the lease once it has expired or its holder is
+        gone from this machine. Logs who holds it and until when, then again every ``say_every`` seconds.
 
         Raises:
             LeaseError: ``timeout`` seconds passed while a live holder kept renewing.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        t0 = time.monotonic()
+        deadline = None if timeout is None else t0 + timeout
         announced: str | None = None
         last_log = 0.0
         while True:
             if self.try_acquire():
                 if announced:
-                    self.log(f"lease {self.url} acquired after waiting")
+                    self.log(f"lease {self.url} acquired after waiting {time.monotonic() - t0:.0f}s")
                 return
             current = self.read()
             if current is None:
                 continue  # released between our create and our read: try again now
-            if current.expired():
+            if current.breakable():
+                why = "expired" if current.expired() else f"gone ({current.process.describe()} exited)"
                 if self._under_claim(self.path, current.generation, self.try_acquire):
-                    self.log(f"lease {self.url}: took over from an expired holder ({current.describe()})")
+                    self.took_over = current
+                    self.log(f"lease {self.url}: took over from a holder that is {why} ({current.describe()})")
                     return
-            elif current.generation != announced or time.monotonic() - last_log > 300:
-                self.log(f"waiting for {self.stage}/{self.key}: {current.describe()}")
+            elif current.generation != announced or time.monotonic() - last_log >= self.say_every:
+                waited = f" (waited {time.monotonic() - t0:.0f}s)" if announced else ""
+                self.log(f"waiting for {self.stage}/{self.key}: {current.describe()}{waited}")
                 announced, last_log = current.generation, time.monotonic()
             pause = min(self.poll, max(0.05, current.expires_at - time.time() + 0.05))
             if deadline is not None:
@@ -218,17 +256,17 @@ class StageLease:
         claim = f"{path}.{generation}.break"
         now = time.time()
         record = LeaseRecord(stage=self.stage, key=self.key, owner=self.owner, generation=uuid.uuid4().hex,
-                             holder=self.holder, acquired_at=now, expires_at=now + self.ttl)
+                             holder=self.holder, process=self.process, acquired_at=now, expires_at=now + self.ttl)
         if not _create(self.store, claim, record.model_dump_json().encode()):
             other = read_record(self.store, claim)
-            if other is not None and other.expired() and depth < _MAX_CLAIM_DEPTH:
+            if other is not None and other.breakable() and depth < _MAX_CLAIM_DEPTH:
                 # A breaker was killed while holding the claim: clear it (same protocol), retry next poll.
                 self._under_claim(claim, other.generation, lambda: True, depth + 1)
             return False
         try:
             current = read_record(self.store, path)
             if current is not None:
-                if current.generation != generation or not current.expired():
+                if current.generation != generation or not current.breakable():
                     return False  # someone else broke it and holds a new one, or the holder renewed in time
                 _remove(self.store, path)
             return then()
@@ -248,21 +286,39 @@ class StageLease:
                 self.log(f"lost lease {self.url}: " + ("it is gone" if current is None else
                          "another run holds it" if current.generation != self.generation else "heartbeat came too late"))
                 return False
-            renewed = current.model_copy(update={"expires_at": now + self.ttl})
+            renewed = current.model_copy(update={"expires_at": now + self.ttl, "workers": list(self.workers)})
             self.store.write_bytes_atomic(self.path, renewed.model_dump_json().encode())
             return True
 
+    def add_worker(self, leader: ProcessId) -> None:
+        """Record a worker process group the holder launched: until it is gone too, the holder does not count
+        as gone (a worker orphaned by a killed holder may still be writing). Renews the lease with it."""
+        with self._lock:
+            self.workers.append(leader)
+        try:
+            self.renew()
+        except Exception as e:  # a store hiccup: the next heartbeat writes it
+            self.log(f"lease {self.url}: could not record worker {leader.describe()} yet ({type(e).__name__}: {e})")
+
     def release(self) -> None:
-        """Delete the lease if it is still ours and safely alive (else it simply expires)."""
+        """Delete the lease if it is still ours and safely alive (else it simply expires). Never raises: it
+        runs while an error may be on its way out, and a lease the store cannot take back now is broken at
+        once when this process is gone (or when it expires)."""
         self._stop_heartbeat()
         with self._lock:
             if self.generation is None:
                 return
-            current = self.read()
-            if (current is not None and current.generation == self.generation
-                    and current.expires_at - time.time() >= self.ttl * _SAFETY):
-                _remove(self.store, self.path)
-            self.generation = None
+            try:
+                current = self.read()
+                if (current is not None and current.generation == self.generation
+                        and current.expires_at - time.time() >= self.ttl * _SAFETY):
+                    _remove(self.store, self.path)
+            except Exception as e:
+                self.log(f"lease {self.url} could not be released ({type(e).__name__}: {e}); the next run takes "
+                         "it over once this process has exited")
+            finally:
+                self.generation = None
+                self.workers = []
 
     # ---------------------------------------------------------------------------------------- heartbeat
     def start_heartbeat(self) -> None:

@@ -426,6 +426,40 @@ class OutputWriter:
         return manifest
 
 
+# The S3 client's exceptions (botocore's and aiohttp's, by class name: neither need be imported) that say the
+# store could not be reached, as opposed to a missing object or a refused request. Only these: a connection
+# refused by something else (Prefect's API, through httpx) is not the store's.
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                "ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError", "ServerTimeoutError"}
+STORE_UNAVAILABLE_EXIT = 75  # a worker's exit code when its store could not be reached (EX_TEMPFAIL)
+
+
+class StoreUnavailable(RuntimeError):
+    """The store could not be reached (its endpoint is down, or the network to it). Nothing partial is visible:
+    outputs without a manifest do not count, and the next run resumes from the last complete checkpoint."""
+
+
+def unreachable(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is the S3 client saying that the store could not
+    be reached. (A local store has no connection to lose; its errors are errors.)"""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in _UNREACHABLE:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def unavailable(url: str, exc: BaseException) -> StoreUnavailable:
+    """The error to raise for ``exc`` when ``unreachable(exc)``: what failed and what to do, in one line."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return StoreUnavailable(
+        f"the store {url} cannot be reached ({type(exc).__name__}: {reason}). Check that it is up and that "
+        "storage.endpoint_url / AWS_ENDPOINT_URL point at it, then run the same command again: finished stages "
+        "are kept, an unfinished one resumes from its latest complete checkpoint, and nothing partial is visible")
+
+
 def check_root(root: str, endpoint_url: str | None = None) -> None:
     """Refuse a store root that cannot be used, before any work: a file where a folder belongs, a folder that
     cannot be created or written, S3 without credentials, a bucket that cannot be written. Leaves nothing

@@ -167,3 +167,53 @@ def test_rlhf_eval_refuses_bad_input_before_any_work(monkeypatch, tmp_path, caps
     assert main(["eval", *args, "--set", f"storage.root={tmp_path / 'store'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rlhf: ") and message in err
+
+
+# ------------------------------------------------------------------------------ operational failures
+
+
+@pytest.mark.parametrize("error, line", [
+    ("store", "rlhf: the store s3://b/rlhf cannot be reached (EndpointConnectionError: Could not connect)\n"),
+    ("worker", "rlhf: sft worker exited with code -9; last output: (its output is above); after a fix, run the same "
+               "command again: finished stages are kept and this one resumes from its latest complete checkpoint\n"),
+])
+def test_a_run_that_fails_for_an_operational_reason_ends_with_one_line(monkeypatch, capsys, error, line):
+    import flows.cli
+    from rlhf_core.storage.store import StoreUnavailable
+    from tasks.runner import StageFailed
+
+    def fail(args):
+        if error == "store":
+            raise StoreUnavailable("the store s3://b/rlhf cannot be reached (EndpointConnectionError: Could not connect)")
+        raise StageFailed("sft worker exited with code -9; last output:\nTraceback (most recent call last):\n  ...")
+
+    monkeypatch.setattr(flows.cli, "cmd_run", fail)
+    assert main(["run"]) == 1
+    assert capsys.readouterr().err == line
+
+
+def test_negative_control_a_bug_keeps_its_traceback(monkeypatch):
+    import flows.cli
+
+    monkeypatch.setattr(flows.cli, "cmd_run", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["run"])
+
+
+def test_the_console_leaves_out_tracebacks_of_operational_failures_only():
+    import logging
+    import sys
+
+    from flows.environment import OneLineFailures
+    from rlhf_core.storage.store import StoreUnavailable
+
+    fmt = OneLineFailures(logging.Formatter("%(message)s"), (StoreUnavailable,))
+    for exc, traceback_shown in ((StoreUnavailable("the store is down"), False), (ValueError("a bug"), True)):
+        try:
+            raise exc
+        except Exception:
+            record = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "failed: %r", (exc,),
+                                       sys.exc_info())
+        out = fmt.format(record)
+        assert out.startswith("failed: ") and ("Traceback" in out) == traceback_shown
+        assert record.exc_info is not None  # the other handlers (Prefect's API, so the UI) still get it

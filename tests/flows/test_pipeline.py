@@ -144,3 +144,92 @@ def test_rlhf_eval_of_a_model_with_another_vocabulary(first_run, prefect_harness
     assert set(table["mine"]) == {"reward_score", "win_rate_vs_sft", "answer_len", "gold_reward", "gold_win_rate_vs_sft"}
     assert set(table["sft"]) == set(table["mine"]) | {"kl_to_sft", "ptx_perplexity"}
     assert "| mine |" in (tmp_path / "out" / "report.md").read_text() and "n/a" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- kill and Ctrl-C
+
+
+def test_a_sigkilled_rlhf_run_leaves_no_worker_and_no_server_running(tmp_path):
+    """`rlhf run` SIGKILLed while its workers train: they and Prefect's temporary server stop with it (its
+    reaper), and the leases it held name it, so that the next run can take them over at once."""
+    import json
+    import signal
+    import time
+
+    from rlhf_core.storage.process import process_id
+
+    root = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--set",
+                             f"storage.root={root}"], cwd=PROJECT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def children() -> dict[int, str]:
+        out = {}
+        for pid in os.listdir("/proc"):
+            try:
+                stat = open(f"/proc/{pid}/stat").read()
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == proc.pid:
+                out[int(pid)] = cmd
+        return out
+
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # the temporary server and both training workers are up
+            kids = children()
+            workers = [p for p, c in kids.items() if "rlhf_core.stages.launch" in c]
+            server = [p for p, c in kids.items() if "uvicorn" in c]
+            recorded = [json.loads(p.read_text()).get("workers") for p in (root / "_leases").glob("*.json")]
+            if len(workers) == 2 and server and sum(bool(w) for w in recorded) == 2:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, kids
+            time.sleep(0.2)
+        ids = [process_id(p) for p in (*workers, *server)]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 120
+    while not all(i is None or i.gone() for i in ids):
+        assert time.monotonic() < deadline, "a worker or the temporary server outlived the killed rlhf run"
+        time.sleep(0.2)
+    leases = [json.loads(p.read_text()) for p in (root / "_leases").glob("*.json")]
+    assert {rec["stage"] for rec in leases} == {"sft", "reward"}
+    assert all(rec["process"]["pid"] == proc.pid and len(rec["workers"]) == 1 for rec in leases)
+
+
+def test_ctrl_c_stops_a_run_at_once_with_its_workers(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) ends `rlhf run` at once, with one line, and its
+    workers (in their own sessions, out of the terminal's reach) stop with it. Before, the run went on
+    retrying against the temporary server the same Ctrl-C had stopped (over 90 s, tracebacks)."""
+    import json
+    import signal
+    import time
+
+    from rlhf_core.storage.process import ProcessId
+
+    root = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--profile", "tiny", "--set",
+                             f"storage.root={root}", "--set", "sft.max_steps=100000", "--set", "reward.max_steps=100000"],
+                            cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "err", "w"),
+                            start_new_session=True)  # its own group, as a shell gives a foreground job
+    try:
+        deadline = time.monotonic() + 600
+        while len(workers := [p for p in (root / "_leases").glob("*.json")]) < 2 or not all(
+                json.loads(p.read_text()).get("workers") for p in workers):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        ids = [json.loads(p.read_text())["workers"][0] for p in workers]
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=120)  # not minutes of retries
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 130 and "rlhf: interrupted. Finished stages are kept" in (tmp_path / "err").read_text()
+    deadline = time.monotonic() + 120
+    while not all(ProcessId.model_validate(i).group_gone() for i in ids):
+        assert time.monotonic() < deadline, "a worker outlived the interrupted run"
+        time.sleep(0.2)

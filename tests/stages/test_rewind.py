@@ -2,6 +2,7 @@
 
 import json
 import signal
+import subprocess
 
 import pytest
 
@@ -10,6 +11,7 @@ from rlhf_core.config import ConfigError
 from rlhf_core.stages import registry
 from rlhf_core.stages.rewind import parse_resume_from, rewind, stage_key
 from rlhf_core.storage.lease import StageLease
+from rlhf_core.storage.process import machine_id, process_id
 from rlhf_core.storage.store import Store
 from tests.conftest import tiny_config
 from tests.helpers import assert_same_weights, output, prepare, weights, worker
@@ -61,6 +63,17 @@ def test_rewind_refuses_what_cannot_be_resumed(data_only):
         rewind(cfg, "sft", 10)
     lease.release()
     assert store.list_checkpoints("sft", key) == [10, 20]  # nothing was removed by a refusal
+    if machine_id() is not None:  # a holder SIGKILLed on this machine holds nothing (the run takes it over at once)
+        killed = subprocess.Popen(["sleep", "600"])
+        gone = process_id(killed.pid)
+        killed.kill()
+        killed.wait()
+        assert lease.try_acquire()
+        record = lease.read().model_copy(update={"process": gone})
+        store.write_bytes_atomic(lease.path, record.model_dump_json().encode())
+        assert not record.expired() and record.holder_gone()
+        assert rewind(cfg, "sft", 20) == []
+        store.fs.rm_file(lease.path)
     said = []
     assert rewind(cfg, "sft", 10, log=said.append) == [20]
     assert store.list_checkpoints("sft", key) == [10] and "removed the later step-20" in said[0]

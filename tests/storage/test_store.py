@@ -94,3 +94,50 @@ def test_s3_store_round_trip(s3_server, tmp_path):
     local = store.fetch_checkpoint("s", "k", 7)
     assert open(f"{local}/x").read() == "y"
     assert store.read_bytes("s", "k", "a.bin") == b"abc"
+
+
+# ------------------------------------------------------------------------- a store that cannot be reached
+
+
+def test_unreachable_names_the_s3_clients_connection_failures_and_nothing_else():
+    import botocore.exceptions
+    import httpx
+
+    from rlhf_core.storage.store import unreachable
+
+    down = botocore.exceptions.EndpointConnectionError(endpoint_url="http://x")
+    try:
+        try:
+            raise down
+        except botocore.exceptions.EndpointConnectionError:
+            raise RuntimeError("wrapped by a library")  # the outage is its context
+    except RuntimeError as e:
+        chained = e
+    assert unreachable(down) and unreachable(chained)
+    assert unreachable(botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"))
+    # Negative controls: a missing object, a refused permission, a bug, and a connection refused by Prefect's
+    # API (not the store) are not store outages.
+    assert not any(unreachable(e) for e in (FileNotFoundError("k"), PermissionError(13, "denied"), ValueError("bug"),
+                                            ConnectionRefusedError(111, "refused"), httpx.ConnectError("refused"), None))
+
+
+@pytest.mark.slow
+def test_a_dead_s3_endpoint_reads_as_unreachable(monkeypatch):
+    """What s3fs raises when nothing listens at the endpoint (it retries for about 12 s first)."""
+    import socket
+
+    from rlhf_core.storage.store import StoreUnavailable, unavailable, unreachable
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = Store("s3://bucket/rlhf", endpoint_url=f"http://127.0.0.1:{port}")
+    with pytest.raises(Exception) as info:
+        store.read_manifest("sft", "k" * 20)
+    assert unreachable(info.value)
+    error = unavailable(store.url, info.value)
+    assert isinstance(error, StoreUnavailable) and "\n" not in str(error)
+    assert str(error).startswith("the store s3://bucket/rlhf cannot be reached (EndpointConnectionError")
+    assert "run the same command again" in str(error)

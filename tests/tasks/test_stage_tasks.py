@@ -47,3 +47,23 @@ def test_task_retry_resumes_a_killed_worker_from_its_checkpoint(prefect_harness,
     assert (tmp_path / "killed-once").exists()  # the first attempt really was killed
     assert state == "Completed" and manifest.metrics["steps"] == 30
     assert manifest.metrics["resumed_from"] == [20]
+
+
+def test_a_prefect_api_hiccup_on_the_progress_artifact_does_not_stop_training(prefect_harness, tmp_path, monkeypatch):
+    import prefect.artifacts
+
+    def refused(*args, **kwargs):
+        raise ConnectionRefusedError(111, "Connect call failed")  # what httpx saw when the API went away
+
+    cfg = tiny_config(tmp_path / "store", **{"sft.max_steps": 5})
+    data = prepare(cfg)
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact", refused)
+
+    @flow
+    def run():
+        f = train_sft.with_options(retries=0).submit(cfg, data)
+        f.wait()
+        return f.state.name, f.result(raise_on_failure=False)
+
+    state, manifest = run()
+    assert state == "Completed" and manifest.metrics["steps"] == 5

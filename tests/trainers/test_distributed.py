@@ -44,7 +44,7 @@ def test_a_killed_rank_fails_the_stage_and_every_rank_resumes(tmp_path):
     cfg = tiny_config(tmp_path / "killed", **two)
     up_ref, up = {"data": prepare(ref_cfg)}, {"data": prepare(cfg)}
     assert worker(ref_cfg, "sft", up_ref).returncode == 0
-    crashed = worker(cfg, "sft", up, fault="sft:10", env={"RLHF_FAULT_RANK": "1"}, timeout=300)
+    crashed = worker(cfg, "sft", up, fault="sft:10", env={"RLHF_FAULT_RANK": "1"}, timeout=900)
     assert crashed.returncode != 0  # the launcher noticed and failed the stage instead of waiting
     key = output(ref_cfg, "sft", up_ref).key
     assert Store.from_config(cfg.storage).latest_checkpoint("sft", key) == 8

@@ -20,7 +20,7 @@ def _probe(tmp_path, *flags):
     out = tmp_path / "report.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(free_port()), "tests/trainers/zero3_probe.py", str(tmp_path / "models"), str(out),
-                           *flags], cwd=PROJECT, capture_output=True, text=True, timeout=300, env=_env())
+                           *flags], cwd=PROJECT, capture_output=True, text=True, timeout=900, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -97,7 +97,7 @@ def test_the_memory_probe_runs_its_setups_on_cpu(tmp_path, layout):
     session spends its minutes measuring, not debugging."""
     proc = subprocess.run([sys.executable, "benchmarks/step3_memory.py", "--actor", "tiny", "--batch", "2",
                            "--device", "cpu", "--layout", layout, "--out", str(tmp_path)], cwd=PROJECT,
-                          capture_output=True, text=True, timeout=300, env=_env())
+                          capture_output=True, text=True, timeout=900, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / f"step3_memory_tiny_{layout}.json").read_text())
     assert result["generation_path"] == "fast" and result["step_s"] > 0
