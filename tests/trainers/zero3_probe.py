@@ -71,6 +71,10 @@ def main(folder: str, out: str, partition: bool) -> None:
         with open(out, "w") as f:
             json.dump(reports, f)
     barrier()
+    # Leave the group before the interpreter's teardown: without it gloo's threads can meet a destructor
+    # first and abort the process ("terminate called without an active exception", seen once on a loaded
+    # machine) after the report was written. Stage workers skip teardown (os._exit in stages/launch.py).
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
