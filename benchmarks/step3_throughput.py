@@ -303,6 +303,7 @@ def main() -> None:
     dev = measure_device()
     with open(os.path.join(args.out, "step3_device.json"), "w") as f:  # kept even if the run is cut short
         json.dump(dev, f)
+    open(os.path.join(args.out, "step3_rows.jsonl"), "w").close()  # this run's rows only, beside its device
     rows = []
     for mode, batch in pairs:  # one process each; each row is also appended to step3_rows.jsonl as it comes
         one = {"mode": mode, "batch": batch, "steps": args.steps, "micro": args.micro}
